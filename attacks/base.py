@@ -1,0 +1,147 @@
+"""The small base every attack stands on: its declared access, its config, and `score`.
+
+An attack declares what it may see (`access`, `needs_reference_data`); the pipeline builds an
+`AttackContext` holding only that. Labels never reach an attack: `evaluate` alone sees them.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Optional
+
+import numpy as np
+import torch
+
+from mia_gen.errors import MiaGenError
+
+
+class Access(str, enum.Enum):
+    """Threat models from DESIGN.md, weakest first."""
+
+    SAMPLES = "samples"  # full black-box: a store of generated samples only
+    QUERY = "query"  # partial black-box: G(z) without gradients
+    WHITE_BOX = "white_box"  # weights and gradients
+
+
+@dataclass
+class AttackContext:
+    """Everything an attack may use, filled by the pipeline according to the attack's access.
+
+    queries (`torch.Tensor` of shape `(Q, ...)`): the records to score (members and non-members,
+        in record-id order, unlabelled); images in [-1, 1].
+    record_ids (`np.ndarray` of shape `(Q,)`): dataset indices of the queries.
+    samples: a `SampleStore` of generated samples (every access level gets it).
+    generator: the generator, only for `query` / `white_box` access.
+    discriminator: the GAN's discriminator, only for `white_box` access.
+    reference (`torch.Tensor` of shape `(R, ...)`): only when the attack needs reference data.
+    """
+
+    queries: torch.Tensor
+    record_ids: np.ndarray
+    samples: Any = None
+    generator: Optional[torch.nn.Module] = None
+    discriminator: Optional[torch.nn.Module] = None
+    reference: Optional[torch.Tensor] = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seed: int = 0
+
+
+@dataclass
+class AttackOutput:
+    """scores (`np.ndarray` of shape `(Q,)`, float64): higher means "more likely a member".
+
+    neighbour_indices (`np.ndarray` of shape `(Q, k)`, optional): indices into the sample store of each
+        query's nearest generated samples, used for the nearest-neighbour picture.
+    """
+
+    scores: np.ndarray
+    neighbour_indices: Optional[np.ndarray] = None
+    info: dict = field(default_factory=dict)
+
+
+ATTACKS: dict[str, type["Attack"]] = {}
+
+
+def register_attack(cls: type["Attack"]) -> type["Attack"]:
+    """Class decorator: make an attack buildable by its `name`."""
+    if cls.name in ATTACKS and ATTACKS[cls.name] is not cls:
+        raise ValueError(f"attack name '{cls.name}' is registered twice")
+    ATTACKS[cls.name] = cls
+    return cls
+
+
+class Attack:
+    """Base class: subclasses set `name`, `access`, `defaults` and implement `score`.
+
+    `defaults` lists every parameter the attack takes with its default; constructor keyword
+    arguments override them and become attributes. `self.config` (with `_target_`) records the
+    exact settings, so every result can be traced back and the attack rebuilt.
+    """
+
+    name: ClassVar[str]
+    access: ClassVar[Access]
+    defaults: ClassVar[dict[str, Any]] = {}
+    needs_reference_data: bool = False  # subclasses may make this a property of their config
+
+    def __init__(self, **params: Any):
+        unknown = sorted(set(params) - set(self.defaults) - {"_target_"})
+        if unknown:
+            raise MiaGenError(
+                f"attack '{self.name}' has no parameter(s) {', '.join(unknown)}; "
+                f"its parameters are: {', '.join(sorted(self.defaults))}."
+            )
+        settings = {**self.defaults, **{k: v for k, v in params.items() if k != "_target_"}}
+        for key, value in settings.items():
+            setattr(self, key, value)
+        self.config = {"_target_": f"{type(self).__module__}.{type(self).__qualname__}", **settings}
+
+    def score(self, context: AttackContext) -> AttackOutput:
+        raise NotImplementedError
+
+    def __call__(self, context: AttackContext) -> AttackOutput:
+        self.check_context(context)
+        output = self.score(context)
+        scores = np.asarray(output.scores, dtype=np.float64)
+        if scores.shape != (len(context.queries),):
+            raise RuntimeError(
+                f"attack '{self.name}' returned scores of shape {scores.shape} for "
+                f"{len(context.queries)} queries; this is a bug in the attack."
+            )
+        output.scores = scores
+        return output
+
+    def check_context(self, context: AttackContext) -> None:
+        """Fail early, with the fix, when the pipeline could not provide what the attack needs."""
+        if context.samples is None and self.access is Access.SAMPLES:
+            raise MiaGenError(
+                f"attack '{self.name}' needs a store of generated samples; run the sample stage "
+                "(`mia-gen-sample`) or point `sampling.store=<dir>` at an existing store."
+            )
+        if self.needs_reference_data and (context.reference is None or len(context.reference) == 0):
+            raise MiaGenError(
+                f"attack '{self.name}' needs reference data (records from the same distribution, "
+                "disjoint from members and non-members); set `split.n_reference` > 0 or give a split "
+                "file with a `reference` list."
+            )
+        if context.samples is not None and len(context.queries):
+            sample_shape = tuple(context.samples.sample_shape)
+            query_shape = tuple(context.queries.shape[1:])
+            if sample_shape != query_shape:
+                raise MiaGenError(
+                    f"attack '{self.name}': query records have shape {query_shape} but generated "
+                    f"samples have shape {sample_shape}; make `data.resolution` / `data.channels` "
+                    "match the model that produced the samples."
+                )
+
+
+def build_attack(name: str, params: Optional[dict] = None) -> Attack:
+    """Build a registered attack by name with keyword parameters (`_target_` is ignored)."""
+    import attacks  # noqa: F401  (registers every attack module)
+
+    if name not in ATTACKS:
+        raise MiaGenError(
+            f"unknown attack '{name}'; available: {', '.join(sorted(ATTACKS))}. "
+            "Select attacks with e.g. `attack=[sample_distance,domias]`."
+        )
+    return ATTACKS[name](**dict(params or {}))

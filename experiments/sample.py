@@ -1,0 +1,8 @@
+"""`mia-gen-sample`: run the pipeline up to the sample stage (earlier stages from the cache)."""
+
+from experiments.common import hydra_entry
+
+main = hydra_entry("sample")
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,8 @@
+"""`mia-gen-train`: run the pipeline up to the train stage (earlier stages from the cache)."""
+
+from experiments.common import hydra_entry
+
+main = hydra_entry("train")
+
+if __name__ == "__main__":
+    main()

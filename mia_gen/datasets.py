@@ -1,0 +1,502 @@
+"""Record sets: a dataset loaded into memory once, offline and deterministically.
+
+`load_dataset(cfg)` turns a `data` config (Hydra group `configs/data/`) into a `RecordSet`:
+
+- images are kept as `uint8` tensors of shape `(N, C, H, W)` (C in {1, 3}) after channel
+  conversion and resizing, and handed out by `RecordSet.get` as float32 in [-1, 1];
+- tabular records are kept and handed out as float32 `(N, D)`.
+
+The record index of a `RecordSet` is the index used by split files (`mia_gen.splits`), so
+every loader keeps the dataset's own order (torchvision's order; `ImageFolder`'s sorted order;
+the row order of an array file), and `max_records` keeps the first N of that order.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from mia_gen.errors import MiaGenError, MissingAssetError
+from mia_gen.hashing import array_fingerprint
+
+IMAGE = "image"
+TABULAR = "tabular"
+
+TORCHVISION_DATASETS = ("mnist", "fashion_mnist", "cifar10", "celeba")
+DATASET_NAMES = ("digits", *TORCHVISION_DATASETS, "image_folder", "array")
+
+# Which config keys mean something for which dataset; `name` is always allowed.
+_KEYS = {
+    "digits": {"resolution", "channels", "max_records"},
+    "mnist": {"resolution", "channels", "root", "subset", "download", "max_records"},
+    "fashion_mnist": {"resolution", "channels", "root", "subset", "download", "max_records"},
+    "cifar10": {"resolution", "channels", "root", "subset", "download", "max_records"},
+    "celeba": {"resolution", "channels", "root", "subset", "download", "max_records"},
+    "image_folder": {"resolution", "channels", "root", "max_records"},
+    "array": {"path", "value_range", "resolution", "channels", "max_records"},
+}
+_ALL_KEYS = {"name"}.union(*_KEYS.values())
+
+# Where torchvision expects each dataset's files under `data.root` (for the error message).
+_LAYOUTS = {
+    "mnist": "<root>/MNIST/raw/{train,t10k}-images-idx3-ubyte and {train,t10k}-labels-idx1-ubyte",
+    "fashion_mnist": "<root>/FashionMNIST/raw/{train,t10k}-images-idx3-ubyte and "
+    "{train,t10k}-labels-idx1-ubyte",
+    "cifar10": "<root>/cifar-10-batches-py/{data_batch_1..data_batch_5,test_batch,batches.meta} "
+    "(the extracted cifar-10-python.tar.gz; torchvision checks their md5 sums)",
+    "celeba": "<root>/celeba/img_align_celeba/*.jpg plus <root>/celeba/{list_eval_partition.txt,"
+    "identity_CelebA.txt,list_attr_celeba.txt,list_bbox_celeba.txt,"
+    "list_landmarks_align_celeba.txt} (torchvision checks the md5 sums of the .txt files)",
+}
+
+# The usual GAN-Leaks / DCGAN CelebA preprocessing: a 140 px centre crop of the aligned faces.
+CELEBA_CROP = 140
+
+# ITU-R BT.601 luma, the weights PIL uses for RGB -> L.
+_LUMA = (0.299, 0.587, 0.114)
+
+# Float images may overshoot their declared range by rounding (e.g. float16 samples).
+_RANGE_TOLERANCE = 1e-3
+
+
+@dataclass
+class RecordSet:
+    """A dataset held in memory.
+
+    Attributes:
+        name: the dataset's name as in the config (`digits`, `mnist`, `array`, ...).
+        kind: `"image"` or `"tabular"`.
+        data: images as `uint8` `torch.Tensor` of shape `(N, C, H, W)`, C in {1, 3};
+            tabular records as `float32` `torch.Tensor` of shape `(N, D)`.
+        fingerprint: sha256 of the stored array (`mia_gen.hashing.array_fingerprint`), which
+            split files record so that a split is never applied to different data.
+    """
+
+    name: str
+    kind: str
+    data: torch.Tensor
+    fingerprint: str
+
+    def __post_init__(self) -> None:
+        if self.kind == IMAGE:
+            if self.data.dtype != torch.uint8 or self.data.ndim != 4 or self.data.shape[1] not in (1, 3):
+                raise MiaGenError(
+                    f"RecordSet '{self.name}': image data must be uint8 of shape (N, C, H, W) with "
+                    f"C in {{1, 3}}, got {self.data.dtype} {tuple(self.data.shape)}; build it with "
+                    "RecordSet.from_tensor or load_dataset."
+                )
+        elif self.kind == TABULAR:
+            if self.data.dtype != torch.float32 or self.data.ndim != 2:
+                raise MiaGenError(
+                    f"RecordSet '{self.name}': tabular data must be float32 of shape (N, D), got "
+                    f"{self.data.dtype} {tuple(self.data.shape)}; build it with "
+                    "RecordSet.from_tensor or load_dataset."
+                )
+        else:
+            raise MiaGenError(f"RecordSet kind must be 'image' or 'tabular', got '{self.kind}'.")
+
+    @classmethod
+    def from_tensor(cls, name: str, kind: str, data: torch.Tensor) -> RecordSet:
+        """Wrap stored data (uint8 `(N, C, H, W)` images or float32 `(N, D)` records) and fingerprint it."""
+        data = data.detach().cpu().contiguous()
+        return cls(name=name, kind=kind, data=data, fingerprint=array_fingerprint(data.numpy(), kind))
+
+    def __len__(self) -> int:
+        return int(self.data.shape[0])
+
+    @property
+    def record_shape(self) -> tuple[int, ...]:
+        """Shape of one record: `(C, H, W)` for images, `(D,)` for tabular data."""
+        return tuple(int(s) for s in self.data.shape[1:])
+
+    def get(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Records at `indices` (1-D, any order, repeats allowed) as float32.
+
+        Returns:
+            images: `torch.Tensor` of shape `(K, C, H, W)` in [-1, 1] (0 -> -1, 255 -> 1);
+            tabular: `torch.Tensor` of shape `(K, D)`.
+        """
+        index = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
+        if index.ndim != 1 or (index.size and not np.issubdtype(index.dtype, np.integer)):
+            raise MiaGenError(
+                f"RecordSet.get takes a 1-D sequence of integer indices, got an array of shape "
+                f"{index.shape} and dtype {index.dtype}; pass e.g. split.members."
+            )
+        bad = index[(index < 0) | (index >= len(self))]
+        if bad.size:
+            raise MiaGenError(
+                f"Indices {bad[:5].tolist()} are outside dataset '{self.name}' ({len(self)} records, "
+                "valid 0..N-1); check that the split was drawn on this dataset."
+            )
+        records = self.data[torch.from_numpy(index.astype(np.int64))]
+        if self.kind == IMAGE:
+            return records.to(torch.float32) / 127.5 - 1.0
+        return records.clone()
+
+    def info(self) -> dict[str, Any]:
+        """Metadata for results files: name, kind, n_records, record_shape, fingerprint."""
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "n_records": len(self),
+            "record_shape": list(self.record_shape),
+            "fingerprint": self.fingerprint,
+        }
+
+
+def load_dataset(cfg: Any) -> RecordSet:
+    """Load the dataset a `data` config names; offline unless `download=true`.
+
+    Args:
+        cfg: dict or DictConfig with `name` in {digits, mnist, fashion_mnist, cifar10, celeba,
+            image_folder, array} and, where meaningful: `resolution` (int, images; null keeps the
+            native size), `channels` (1 or 3; null keeps the native channels), `root`, `path`,
+            `subset` (train|test|all; celeba also valid), `download` (default false),
+            `value_range` ([-1, 1] or [0, 1], float image arrays) and `max_records` (keep the
+            first N records; null keeps all).
+
+    Returns:
+        The `RecordSet`; its fingerprint depends only on the stored array.
+
+    Raises:
+        MissingAssetError: the files are not on this machine.
+        MiaGenError: the config or the data is invalid (the message names the fix).
+    """
+    options = _read_config(cfg)
+    name = options["name"]
+    if name == "digits":
+        images = _load_digits()
+    elif name in TORCHVISION_DATASETS:
+        images = _load_torchvision(name, options)
+    elif name == "image_folder":
+        images = _load_image_folder(options)
+    else:
+        return _load_array(options)
+    images = images[: options["max_records"]]  # slicing with None keeps all
+    images = _resize_images(images, options["channels"], options["resolution"])
+    return RecordSet.from_tensor(name, IMAGE, images)
+
+
+def _read_config(cfg: Any) -> dict[str, Any]:
+    """Plain dict of the options, with defaults, checked against what each dataset understands."""
+    try:
+        from omegaconf import DictConfig, OmegaConf
+
+        if isinstance(cfg, DictConfig):
+            cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False)
+    except ImportError:  # pragma: no cover - omegaconf is a hard dependency
+        pass
+    if not isinstance(cfg, dict):
+        raise MiaGenError(f"The data config must be a mapping with a 'name' key, got {type(cfg).__name__}.")
+    options = {k: v for k, v in cfg.items() if not str(k).startswith("_")}
+    name = options.get("name")
+    if name not in DATASET_NAMES:
+        raise MiaGenError(f"Unknown dataset data.name={name!r}; choose one of {', '.join(DATASET_NAMES)}.")
+    unknown = sorted(set(options) - _ALL_KEYS)
+    if unknown:
+        raise MiaGenError(
+            f"Unknown data config key(s) {unknown}; the keys are {sorted(_ALL_KEYS)} (check the spelling)."
+        )
+    ignored = sorted(k for k in set(options) - _KEYS[name] - {"name"} if options[k] not in (None, False))
+    if ignored:
+        raise MiaGenError(
+            f"data.{ignored[0]} has no effect for data.name={name} (it understands "
+            f"{sorted(_KEYS[name])}); remove {', '.join('data.' + k for k in ignored)}."
+        )
+    for key, value in options.items():
+        if value == "???":
+            raise MiaGenError(f"data.{key} is required for data.name={name}: set data.{key}=<value>.")
+
+    defaults = {"resolution": 16, "channels": 1} if name == "digits" else {"resolution": None, "channels": None}
+    defaults.update(root="data", path=None, subset="train", download=False, value_range=None, max_records=None)
+    options = {**defaults, **{k: v for k, v in options.items() if v is not None}}
+
+    for key in ("resolution", "max_records"):
+        value = options[key]
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise MiaGenError(f"data.{key} must be a positive integer or null, got {value!r}.")
+    if options["channels"] not in (None, 1, 3):
+        raise MiaGenError(f"data.channels must be 1 (grayscale) or 3 (RGB), got {options['channels']!r}.")
+    subsets = ("train", "valid", "test", "all") if name == "celeba" else ("train", "test", "all")
+    if options["subset"] not in subsets:
+        raise MiaGenError(f"data.subset must be one of {subsets} for {name}, got {options['subset']!r}.")
+    if not isinstance(options["download"], bool):
+        raise MiaGenError(f"data.download must be true or false, got {options['download']!r}.")
+    return options
+
+
+def _load_digits() -> torch.Tensor:
+    """sklearn's bundled 8x8 digits (1,797 records, values 0..16) as uint8 `(N, 1, 8, 8)` in 0..255."""
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images  # (1797, 8, 8) float64 in 0..16
+    return torch.from_numpy(np.rint(images * (255.0 / 16.0)).astype(np.uint8)[:, None])
+
+
+def _load_torchvision(name: str, options: dict[str, Any]) -> torch.Tensor:
+    """A torchvision dataset as uint8 `(N, C, H, W)`; missing files become MissingAssetError."""
+    from torchvision import datasets
+
+    root = os.path.expanduser(str(options["root"]))
+    subset, download, limit = options["subset"], options["download"], options["max_records"]
+    try:
+        if name == "celeba":
+            celeba = datasets.CelebA(root, split=subset, target_type=[], download=download)
+            count = len(celeba) if limit is None else min(limit, len(celeba))
+            return _stack(
+                [_prepare(_center_crop(_pil_to_uint8(celeba[i][0]), CELEBA_CROP), options) for i in range(count)],
+                root,
+            )
+        cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[name]
+        parts = []
+        for train in {"train": (True,), "test": (False,), "all": (True, False)}[subset]:
+            data = cls(root, train=train, download=download).data
+            if name == "cifar10":  # numpy (N, 32, 32, 3)
+                parts.append(torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2))))
+            else:  # uint8 tensor (N, 28, 28)
+                parts.append(data[:, None])
+        return torch.cat(parts)
+    except RuntimeError as error:
+        how = (
+            "the download failed" if download else "the files are missing or corrupted and data.download=false"
+        )
+        raise MissingAssetError(
+            f"Dataset '{name}' could not be loaded from data.root={root!r}: {how} (torchvision: {error}). "
+            f"Expected layout: {_LAYOUTS[name]}. Fix: set data.root=<dir> to a directory that holds "
+            f"these files (or export MIA_GEN_DATA=<dir>), or set data.download=true on a machine that "
+            "is online."
+        ) from error
+
+
+def _load_image_folder(options: dict[str, Any]) -> torch.Tensor:
+    """Images under `root/<class>/<file>` in ImageFolder's sorted order (labels ignored)."""
+    from PIL import Image, UnidentifiedImageError
+    from torchvision.datasets import ImageFolder
+
+    root = os.path.expanduser(str(options["root"]))
+    if not os.path.isdir(root):
+        raise MissingAssetError(
+            f"data.root={root!r} is not a directory; set data.root=<dir> with images in "
+            "<dir>/<class>/<image>.png|jpg (one level of sub-folders, as torchvision's ImageFolder)."
+        )
+    try:
+        folder = ImageFolder(root)
+    except FileNotFoundError as error:
+        raise MissingAssetError(
+            f"No images found under data.root={root!r} ({error}). ImageFolder needs the images in "
+            "sub-folders: <root>/<class>/<image>.png|jpg; put them in e.g. <root>/all/."
+        ) from error
+    paths = [path for path, _ in folder.samples]
+    if options["max_records"] is not None:
+        paths = paths[: options["max_records"]]
+    images = []
+    for path in paths:
+        try:
+            with Image.open(path) as image:
+                images.append(_prepare(_pil_to_uint8(image, path), options))
+        except (UnidentifiedImageError, OSError) as error:
+            raise MiaGenError(f"Cannot read image {path!r} ({error}); remove or replace the file.") from error
+    return _stack(images, root)
+
+
+def _load_array(options: dict[str, Any]) -> RecordSet:
+    """A `.npy` array ((N, D) tabular or (N, C, H, W) images) or a `.csv` table with a header row."""
+    path = options["path"]
+    if path is None:
+        raise MiaGenError("data.path is required for data.name=array: set data.path=<file.npy|file.csv>.")
+    path = os.path.expanduser(str(path))
+    if not os.path.isfile(path):
+        raise MissingAssetError(f"Array file data.path={path!r} does not exist; set data.path=<file.npy|file.csv>.")
+    extension = os.path.splitext(path)[1].lower()
+    if extension == ".csv":
+        array = _read_csv(path)
+    elif extension == ".npy":
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as error:
+            raise MiaGenError(
+                f"Cannot read {path!r} as a numeric .npy array ({error}); save it with "
+                "np.save(path, array.astype(np.float32)) (object arrays are refused: no pickles)."
+            ) from error
+    else:
+        raise MiaGenError(f"data.path={path!r}: unsupported file type '{extension}'; use a .npy or .csv file.")
+    if options["max_records"] is not None:
+        array = array[: options["max_records"]]
+
+    if array.ndim == 2:
+        if options["resolution"] is not None or options["channels"] is not None:
+            raise MiaGenError(
+                f"{path!r} holds tabular records {array.shape}; data.resolution and data.channels "
+                "apply to images only: set them to null."
+            )
+        records = _check_numeric(array, path).astype(np.float32)
+        finite = np.isfinite(records).all(axis=1)
+        if not finite.all():
+            raise MiaGenError(
+                f"{path!r} has NaN or infinite values in rows {np.flatnonzero(~finite)[:5].tolist()}; "
+                "impute or drop them before loading."
+            )
+        return RecordSet.from_tensor("array", TABULAR, torch.from_numpy(records))
+    if array.ndim == 4:
+        images = _array_to_uint8(array, options["value_range"], path)
+        images = _resize_images(images, options["channels"], options["resolution"])
+        return RecordSet.from_tensor("array", IMAGE, images)
+    raise MiaGenError(
+        f"{path!r} has shape {array.shape}; expected (N, D) tabular records or (N, C, H, W) images "
+        "(for (N, H, W) grayscale images add the channel axis: array[:, None])."
+    )
+
+
+def _read_csv(path: str) -> np.ndarray:
+    """A CSV file with one header row of column names and numeric rows, as float64 `(N, D)`."""
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        raise MiaGenError(f"{path!r} is empty; a CSV needs a header row and numeric rows.")
+    header, body = rows[0], [row for row in rows[1:] if row]
+    if all(_is_number(cell) for cell in header):
+        raise MiaGenError(
+            f"The first row of {path!r} is numeric; it must be a header of column names (add one)."
+        )
+    values = np.empty((len(body), len(header)), dtype=np.float64)
+    for line, row in enumerate(body, start=2):
+        if len(row) != len(header):
+            raise MiaGenError(f"{path!r} line {line} has {len(row)} fields but the header has {len(header)}.")
+        for column, cell in enumerate(row):
+            if not _is_number(cell):
+                raise MiaGenError(
+                    f"{path!r} line {line}, column '{header[column]}' is not a number ({cell!r}); "
+                    "encode categorical columns numerically first."
+                )
+            values[line - 2, column] = float(cell)
+    return values
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_numeric(array: np.ndarray, path: str) -> np.ndarray:
+    if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise MiaGenError(f"{path!r} has dtype {array.dtype}; store numbers (e.g. float32).")
+    return array
+
+
+def _array_to_uint8(array: np.ndarray, value_range: Any, path: str) -> torch.Tensor:
+    """(N, C, H, W) image array -> uint8: uint8 as is, integers in 0..255, floats per `value_range`."""
+    if array.shape[1] not in (1, 3):
+        hint = " It looks channels-last: np.transpose(array, (0, 3, 1, 2))." if array.shape[-1] in (1, 3) else ""
+        raise MiaGenError(
+            f"{path!r} has image shape {array.shape}; images must be (N, C, H, W) with C in {{1, 3}}.{hint}"
+        )
+    array = _check_numeric(array, path)
+    if array.dtype == np.uint8:
+        return torch.from_numpy(np.ascontiguousarray(array))
+    low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
+    if np.issubdtype(array.dtype, np.integer):
+        if low < 0 or high > 255:
+            raise MiaGenError(f"{path!r} holds integers in [{low:g}, {high:g}]; integer images must lie in 0..255.")
+        return torch.from_numpy(np.ascontiguousarray(array.astype(np.uint8)))
+    declared = None if value_range is None else [float(v) for v in value_range]
+    if declared not in ([-1.0, 1.0], [0.0, 1.0]):
+        raise MiaGenError(
+            f"{path!r} holds float images in [{low:g}, {high:g}]; declare their range with "
+            f"data.value_range=[-1,1] or data.value_range=[0,1] (got {value_range!r})."
+        )
+    if not np.isfinite(array).all() or low < declared[0] - _RANGE_TOLERANCE or high > declared[1] + _RANGE_TOLERANCE:
+        fix = "data.value_range=[-1,1]" if low >= -1 - _RANGE_TOLERANCE and high <= 1 + _RANGE_TOLERANCE else (
+            "rescale the array to [-1, 1] or [0, 1] first"
+        )
+        raise MiaGenError(
+            f"{path!r} holds float images in [{low:g}, {high:g}], outside the declared data.value_range="
+            f"{declared}; {fix}."
+        )
+    if declared[0] == -1.0 and low >= 0.0:
+        warnings.warn(
+            f"{path!r}: all values are >= 0 although data.value_range=[-1, 1]; if the images are in "
+            "[0, 1] set data.value_range=[0,1].",
+            stacklevel=3,
+        )
+    scaled = (array.astype(np.float64) - declared[0]) * (255.0 / (declared[1] - declared[0]))
+    return torch.from_numpy(np.clip(np.rint(scaled), 0, 255).astype(np.uint8))
+
+
+def _pil_to_uint8(image: Any, path: str = "") -> torch.Tensor:
+    """A PIL image as uint8 `(C, H, W)`: 1 channel for grayscale modes, else 3 (alpha dropped)."""
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        raise MiaGenError(
+            f"Image {path or ''} has {image.mode} pixels (16-bit or float); convert it to 8-bit (L or RGB) first."
+        )
+    image = image.convert("L" if image.mode in ("1", "L", "LA") else "RGB")
+    array = np.asarray(image, dtype=np.uint8)
+    return torch.from_numpy(array[None].copy() if array.ndim == 2 else array.transpose(2, 0, 1).copy())
+
+
+def _prepare(image: torch.Tensor, options: dict[str, Any]) -> torch.Tensor:
+    """One uint8 `(C, H, W)` image converted to the configured channels and resolution."""
+    return _resize_images(image[None], options["channels"], options["resolution"])[0]
+
+
+def _stack(images: list[torch.Tensor], root: str) -> torch.Tensor:
+    """Stack uint8 `(C, H, W)` images that must already share one shape."""
+    if not images:
+        raise MiaGenError(f"No images were loaded from {root!r}; check data.root and data.max_records.")
+    shapes = sorted({tuple(image.shape) for image in images})
+    if len(shapes) > 1:
+        raise MiaGenError(
+            f"The images under {root!r} differ in shape ({shapes[0]} vs {shapes[-1]}, {len(shapes)} shapes); "
+            "set data.resolution=<px> and data.channels=1 or 3 to bring them to one shape."
+        )
+    return torch.stack(images)
+
+
+def _center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+    """Central `size` x `size` window of `(..., H, W)` (offsets rounded as torchvision does)."""
+    height, width = image.shape[-2:]
+    if size > min(height, width):
+        raise MiaGenError(f"Cannot centre-crop {size} px from an image of {height}x{width} px.")
+    top, left = int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
+    return image[..., top : top + size, left : left + size]
+
+
+def _convert_channels(images: torch.Tensor, channels: int | None) -> torch.Tensor:
+    """uint8 `(N, C, H, W)` -> `channels` channels: gray -> RGB repeats, RGB -> gray is BT.601 luma."""
+    if channels is None or images.shape[1] == channels:
+        return images
+    if channels == 3:
+        return images.repeat(1, 3, 1, 1)
+    weights = torch.tensor(_LUMA, dtype=torch.float64).view(1, 3, 1, 1)
+    return torch.round((images.to(torch.float64) * weights).sum(dim=1, keepdim=True)).to(torch.uint8)
+
+
+def _resize_images(images: torch.Tensor, channels: int | None, resolution: int | None) -> torch.Tensor:
+    """uint8 `(N, C, H, W)` -> `channels` channels and `resolution` x `resolution` px.
+
+    Resizing is bilinear with antialiasing; non-square images are centre-cropped to their
+    shorter side first. `None` keeps the native channels / size. The arithmetic is float64 and
+    chunked, so results depend neither on the batch size nor on float32 rounding.
+    """
+    images = _convert_channels(images, channels)
+    height, width = images.shape[-2:]
+    if resolution is None or height == width == resolution:
+        return images
+    if height != width:
+        images = _center_crop(images, min(height, width))
+    chunks = []
+    for start in range(0, images.shape[0], 1024):
+        chunk = images[start : start + 1024].to(torch.float64)
+        resized = F.interpolate(chunk, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+        chunks.append(resized.round().clamp(0, 255).to(torch.uint8))
+    return torch.cat(chunks)

@@ -1,0 +1,124 @@
+"""The evaluate stage: labels meet scores here and nowhere else.
+
+Writes the run's outputs (DESIGN.md "Outputs of a run"): results.json, scores.csv, roc.png,
+score_histograms.png, nearest_neighbours.png, report.md, and the W&B run.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from mia_gen.metrics import evaluate_scores, roc_points
+from mia_gen.report import (
+    format_results_table,
+    plot_nearest_neighbours,
+    plot_roc,
+    plot_score_histograms,
+    write_report,
+)
+from mia_gen.tracking import make_tracker
+
+log = logging.getLogger(__name__)
+
+
+def labels_for(record_ids: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """1 for members, 0 for non-members."""
+    return np.isin(record_ids, members).astype(int)
+
+
+def write_scores_csv(path: Path, scored: dict[str, dict], members: np.ndarray) -> None:
+    """One row per (attack, record): `attack,record_id,is_member,score` (scores written exactly)."""
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["attack", "record_id", "is_member", "score"])
+        for name, entry in scored.items():
+            ids = np.asarray(entry["record_ids"])
+            for record_id, is_member, score in zip(ids, labels_for(ids, members), entry["scores"]):
+                writer.writerow([name, int(record_id), int(is_member), repr(float(score))])
+
+
+def _most_exposed(labels: np.ndarray, scores: np.ndarray, n_rows: int) -> np.ndarray:
+    """Positions of the highest-scoring members and non-members, half of the rows each."""
+    rows = []
+    for label in (1, 0):
+        positions = np.flatnonzero(labels == label)
+        rows.extend(positions[np.argsort(-scores[positions], kind="stable")][: max(n_rows // 2, 1)])
+    return np.asarray(rows)
+
+
+def write_outputs(pipeline, scored: dict[str, dict]) -> list[dict]:
+    cfg, run_dir = pipeline.cfg, pipeline.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    members = pipeline.split.members
+    evaluation = cfg.evaluation
+    results, curves = [], {}
+    for name, entry in scored.items():
+        labels = labels_for(np.asarray(entry["record_ids"]), members)
+        scores = np.asarray(entry["scores"], dtype=np.float64)
+        metrics = evaluate_scores(labels, scores, alphas=tuple(evaluation.alphas),
+                                  n_bootstrap=int(evaluation.n_bootstrap), seed=int(cfg.seed))
+        results.append({"attack": name, "access": entry["access"], **metrics,
+                        "seconds": entry["seconds"], "config": entry["config"], "info": entry["info"]})
+        curves[name] = (labels, scores)
+
+    metadata = pipeline.metadata()
+    payload = {"config_hash": pipeline.config_hash, "metadata": metadata, "attacks": results}
+    tmp = run_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, run_dir / "results.json")
+    write_scores_csv(run_dir / "scores.csv", scored, members)
+
+    images = {"ROC (log-log)": "roc.png", "Score histograms": "score_histograms.png"}
+    plot_roc(curves, run_dir / "roc.png")
+    plot_score_histograms(curves, run_dir / "score_histograms.png")
+    with_neighbours = [name for name, entry in scored.items() if entry.get("neighbour_indices")]
+    if with_neighbours and pipeline.records.kind == "image":
+        name = with_neighbours[0]
+        entry, (labels, scores) = scored[name], curves[name]
+        rows = _most_exposed(labels, scores, int(evaluation.n_neighbour_rows))
+        ids = np.asarray(entry["record_ids"])[rows]
+        neighbour_ids = np.asarray(entry["neighbour_indices"])[rows]
+        neighbours = pipeline.samples.get(neighbour_ids.reshape(-1))
+        neighbours = neighbours.reshape(*neighbour_ids.shape, *neighbours.shape[1:])
+        plot_nearest_neighbours(pipeline.records.get(ids), neighbours, run_dir / "nearest_neighbours.png",
+                                query_labels=labels[rows], distances=-scores[rows])
+        images[f"Most exposed records and their nearest samples ({name})"] = "nearest_neighbours.png"
+    write_report(run_dir, results, metadata, images)
+
+    _track(pipeline, results, curves, images)
+    print(format_results_table(results))
+    log.info("outputs in %s", run_dir)
+    return results
+
+
+def _track(pipeline, results: list[dict], curves: dict, images: dict[str, str]) -> None:
+    cfg, run_dir = pipeline.cfg, pipeline.run_dir
+    config = OmegaConf.to_container(cfg, resolve=True)
+    tracker = make_tracker(cfg.logger, run_dir, config, job_name=run_dir.name)
+    try:
+        summary = {"config_hash": pipeline.config_hash}
+        for result in results:
+            name = result["attack"]
+            summary[name] = {"auc": result["auc"], "asr": result["asr"],
+                             "tpr_at_fpr": result["tpr_at_fpr"], "seconds": result["seconds"]}
+            fpr, tpr, _ = roc_points(*curves[name])
+            tracker.log_roc(name, fpr, tpr)
+        tracker.log_summary(summary)
+        rows = [[name, int(label), float(score)] for name, (labels, scores) in curves.items()
+                for label, score in zip(labels, scores)]
+        tracker.log_table("scores", ["attack", "is_member", "score"], rows)
+        for title, file in images.items():
+            tracker.log_image(title, run_dir / file)
+        tracker.log_artifact("run-outputs", [run_dir / "results.json", run_dir / "scores.csv",
+                                             run_dir / "report.md"], "results")
+    finally:
+        tracker.finish()
+
+

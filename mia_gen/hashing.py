@@ -1,0 +1,42 @@
+"""Stable hashes of configs and arrays: the keys of the stage cache and of split fingerprints."""
+
+import hashlib
+import json
+from typing import Any
+
+import numpy as np
+
+
+def _plain(obj: Any) -> Any:
+    """Convert OmegaConf containers, numpy scalars and paths into JSON-able plain values."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(obj, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(obj, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a hard dependency
+        pass
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, (str, int, float, bool)) or obj is None:
+        return obj
+    return str(obj)
+
+
+def config_hash(obj: Any, length: int = 16) -> str:
+    """Hash of a config (dict / DictConfig) that does not depend on key order."""
+    canonical = json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:length]
+
+
+def array_fingerprint(array: np.ndarray, name: str = "") -> str:
+    """sha256 of an array's name, dtype, shape and bytes: identifies a dataset's exact content."""
+    array = np.ascontiguousarray(array)
+    digest = hashlib.sha256()
+    digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+    digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()

@@ -1,0 +1,257 @@
+"""The stages of a run — train, sample, attack, evaluate — each cached by the config it depends on.
+
+Stage keys chain: train = hash(data, split, model, defense); sample = hash(train, sampling);
+attack = hash(sample or train, split, attack). A sweep that changes only attack parameters never
+retrains or resamples; a stage that finds its output complete in the cache reuses it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from attacks.base import Access, Attack, AttackContext, AttackOutput, build_attack
+from mia_gen.datasets import load_dataset
+from mia_gen.device import resolve_device
+from mia_gen.errors import CorruptStoreError, MiaGenError
+from mia_gen.hashing import config_hash
+from mia_gen.sample_store import SampleStore, write_samples
+from mia_gen.splits import load_or_make_split
+from models.factory import load_discriminator, load_generator, train_model
+
+log = logging.getLogger(__name__)
+
+STAGES = ("train", "sample", "attack", "evaluate")
+
+
+def _write_json_atomic(path: Path, payload: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
+    os.replace(tmp, path)
+
+
+class Pipeline:
+    """One run of the framework over a resolved config (see configs/config.yaml)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path | str):
+        self.cfg = cfg
+        self.run_dir = Path(run_dir)
+        self.cache_dir = Path(cfg.cache_dir).expanduser().resolve()
+        self.device = resolve_device(cfg.device)
+        self.progress = bool(cfg.get("progress", True))
+        torch.manual_seed(int(cfg.seed))
+
+    # ---- data ---------------------------------------------------------------------------
+    @cached_property
+    def records(self):
+        return load_dataset(self.cfg.data)
+
+    @cached_property
+    def split(self):
+        return load_or_make_split(self.cfg.split, self.records)
+
+    @cached_property
+    def query_ids(self) -> np.ndarray:
+        """Members and non-members in record-id order: nothing in the order hints at membership."""
+        return np.sort(np.concatenate([self.split.members, self.split.non_members]))
+
+    # ---- keys ---------------------------------------------------------------------------
+    @cached_property
+    def split_key(self) -> str:
+        return config_hash(self.split.to_dict())
+
+    @cached_property
+    def train_key(self) -> str:
+        checkpoint = self.cfg.model.get("checkpoint")
+        if checkpoint:
+            return config_hash({"checkpoint": str(Path(checkpoint).resolve())})
+        return config_hash({
+            "data": self.cfg.data, "fingerprint": self.records.fingerprint, "split": self.split_key,
+            "model": self.cfg.model, "defense": self.cfg.defense,
+        })
+
+    @cached_property
+    def sample_key(self) -> str:
+        store = self.cfg.sampling.get("store")
+        if store:
+            return config_hash({"store": str(Path(store).resolve())})
+        return config_hash({"train": self.train_key, "sampling": self.cfg.sampling})
+
+    def attack_key(self, name: str, attack: Attack) -> str:
+        upstream = self.sample_key if attack.access is Access.SAMPLES else self.train_key
+        return config_hash({"upstream": upstream, "split": self.split_key, "attack": name,
+                            "config": attack.config, "seed": int(self.cfg.seed)})
+
+    @property
+    def config_hash(self) -> str:
+        return config_hash({"train": self.train_key, "sample": self.sample_key,
+                            "attacks": self.cfg.attack, "evaluation": self.cfg.evaluation})
+
+    # ---- train --------------------------------------------------------------------------
+    @cached_property
+    def model_dir(self) -> Path:
+        checkpoint = self.cfg.model.get("checkpoint")
+        if checkpoint:
+            return Path(checkpoint).expanduser().resolve()
+        return self.cache_dir / "models" / f"{self.cfg.model.name}-{self.train_key}"
+
+    def train(self) -> Path:
+        if self.cfg.model.get("checkpoint"):
+            log.info("train: using the trained model at %s", self.model_dir)
+            return self.model_dir
+        members = self.records.get(self.split.members)
+        log.info("train: %s on %d members -> %s", self.cfg.model.name, len(members), self.model_dir)
+        train_model(self.cfg.model, members, self.model_dir, self.device, progress=self.progress)
+        return self.model_dir
+
+    @cached_property
+    def generator(self) -> torch.nn.Module:
+        self.train()
+        return load_generator(self.cfg.model, self.model_dir, self.device)
+
+    # ---- sample -------------------------------------------------------------------------
+    @cached_property
+    def sample_dir(self) -> Path:
+        store = self.cfg.sampling.get("store")
+        if store:
+            return Path(store).expanduser().resolve()
+        return self.cache_dir / "samples" / f"{self.cfg.model.name}-{self.sample_key}"
+
+    def sample(self) -> SampleStore:
+        if self.cfg.sampling.get("store"):
+            return SampleStore.open(self.sample_dir)
+        try:
+            store = SampleStore.open(self.sample_dir)
+            log.info("sample: cached store %s (%d samples)", self.sample_dir, len(store))
+            return store
+        except CorruptStoreError as reason:
+            if self.sample_dir.exists():
+                log.info("sample: resuming (%s)", reason)
+        sampling = self.cfg.sampling
+        generator = self.generator
+        batch_size = int(sampling.batch_size)
+
+        @torch.no_grad()
+        def sample_fn(n: int, rng: torch.Generator):
+            z = generator.sample_latent(n, rng)
+            x = torch.cat([generator(z[i : i + batch_size].to(self.device)).float().cpu()
+                           for i in range(0, n, batch_size)])
+            return x, z
+
+        storage_dtype = sampling.storage_dtype
+        if storage_dtype == "auto":
+            storage_dtype = "uint8" if self.records.kind == "image" else "float32"
+        log.info("sample: %d samples -> %s", sampling.n_samples, self.sample_dir)
+        return write_samples(
+            self.sample_dir, sample_fn, int(sampling.n_samples), shard_size=int(sampling.shard_size),
+            seed=int(self.cfg.seed), storage_dtype=storage_dtype,
+            metadata={"sample_key": self.sample_key, "train_key": self.train_key,
+                      "model": self.cfg.model.name, "sampling": OmegaConf.to_container(sampling)},
+            progress=self.progress,
+        )
+
+    @cached_property
+    def samples(self) -> SampleStore:
+        return self.sample()
+
+    # ---- attack -------------------------------------------------------------------------
+    def attacks(self) -> dict[str, Attack]:
+        selected = self.cfg.get("attack") or {}
+        if not selected:
+            raise MiaGenError("no attack selected; choose some, e.g. `attack=[sample_distance,domias]`.")
+        return {name: build_attack(name, OmegaConf.to_container(params, resolve=True))
+                for name, params in selected.items()}
+
+    def context_for(self, attack: Attack) -> AttackContext:
+        """Hand the attack only what its threat model allows."""
+        context = AttackContext(
+            queries=self.records.get(self.query_ids), record_ids=self.query_ids,
+            samples=self.samples, device=self.device, seed=int(self.cfg.seed),
+        )
+        if attack.access in (Access.QUERY, Access.WHITE_BOX):
+            context.generator = self.generator
+        if attack.access is Access.WHITE_BOX and self.cfg.model.family == "gan":
+            context.discriminator = load_discriminator(self.cfg.model, self.model_dir, self.device)
+        if attack.needs_reference_data:
+            context.reference = self.records.get(self.split.reference)
+        return context
+
+    def score_path(self, name: str, attack: Attack) -> Path:
+        return self.cache_dir / "scores" / f"{name}-{self.attack_key(name, attack)}.json"
+
+    def attack(self, require_cached: bool = False) -> dict[str, dict]:
+        """Per-record scores of every selected attack, from the cache or computed now."""
+        scored = {}
+        for name, attack in self.attacks().items():
+            path = self.score_path(name, attack)
+            if path.is_file():
+                log.info("attack %s: cached scores %s", name, path.name)
+                scored[name] = json.loads(path.read_text())
+                continue
+            if require_cached:
+                raise MiaGenError(
+                    f"no cached scores for attack '{name}' ({path}); run `mia-gen-attack` (or "
+                    "`mia-gen`) with the same overrides first."
+                )
+            log.info("attack %s (%s access): scoring %d records", name, attack.access.value,
+                     len(self.query_ids))
+            context = self.context_for(attack)
+            started = time.perf_counter()
+            output: AttackOutput = attack(context)
+            seconds = time.perf_counter() - started
+            entry = {
+                "attack": name, "access": attack.access.value, "config": attack.config,
+                "record_ids": self.query_ids.tolist(), "scores": output.scores.tolist(),
+                "neighbour_indices": None if output.neighbour_indices is None
+                else np.asarray(output.neighbour_indices).tolist(),
+                "info": output.info, "seconds": seconds,
+            }
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_json_atomic(path, entry)
+            scored[name] = entry
+        return scored
+
+    # ---- evaluate -----------------------------------------------------------------------
+    def metadata(self) -> dict:
+        meta = {
+            "config_hash": self.config_hash, "train_key": self.train_key,
+            "sample_key": self.sample_key, "split_key": self.split_key,
+            "data": self.records.info(), "model": {"name": self.cfg.model.name,
+                                                   "family": self.cfg.model.family,
+                                                   "dir": str(self.model_dir)},
+            "split": {"n_members": len(self.split.members), "n_non_members": len(self.split.non_members),
+                      "n_reference": len(self.split.reference), "seed": self.split.seed},
+            "seed": int(self.cfg.seed), "device": str(self.device),
+        }
+        if self.sample_dir.is_dir():
+            store = SampleStore.open(self.sample_dir)
+            meta["samples"] = {"n_samples": len(store), "dir": str(self.sample_dir),
+                               "shape": list(store.sample_shape)}
+        return meta
+
+    def evaluate(self, require_cached: bool = False) -> list[dict]:
+        from mia_gen.evaluation import write_outputs
+
+        scored = self.attack(require_cached=require_cached)
+        return write_outputs(self, scored)
+
+    def run(self, stage: str = "evaluate") -> object:
+        """Run up to and including `stage`, reusing every cached earlier stage."""
+        if stage not in STAGES:
+            raise MiaGenError(f"unknown stage '{stage}'; use one of {STAGES}.")
+        if stage == "train":
+            return self.train()
+        if stage == "sample":
+            return self.sample()
+        if stage == "attack":
+            return self.attack()
+        return self.evaluate()
+

@@ -1,0 +1,321 @@
+"""Pictures and the markdown report of a run, readable without W&B.
+
+Figures are drawn with matplotlib's object API (`matplotlib.figure.Figure`, rendered by Agg
+when saved): no pyplot state, no display needed.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from mia_gen.errors import MiaGenError
+from mia_gen.metrics import auc, roc_points, tpr_at_fpr
+
+__all__ = [
+    "format_results_table",
+    "plot_nearest_neighbours",
+    "plot_roc",
+    "plot_score_histograms",
+    "write_report",
+]
+
+Curves = Mapping[str, tuple[Sequence, Sequence]]
+
+# The FPR of the ROC legend and of the table's middle column (DESIGN.md reports 10%, 1%, 0.1%).
+_LEGEND_ALPHA = 0.01
+
+
+def _as_numpy(array) -> np.ndarray:
+    """numpy view of an array-like or a (CPU or GPU) torch tensor."""
+    if hasattr(array, "detach"):
+        array = array.detach().cpu().numpy()
+    return np.asarray(array)
+
+
+def _check_curves(curves: Curves) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    if not curves:
+        raise MiaGenError("No attack scores to plot: pass {attack_name: (labels, scores)} with at least one attack.")
+    return {name: (_as_numpy(labels), _as_numpy(scores)) for name, (labels, scores) in curves.items()}
+
+
+def _save(figure: Figure, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_roc(curves: Curves, path) -> Path:
+    """Log-log ROC curves of several attacks on one plot, with the chance line.
+
+    The FPR axis runs from `min(1e-4, 1 / n_non_members)` to 1 (the TPR axis likewise with
+    members): the low-FPR regime is where membership leakage matters. Points at FPR or TPR 0
+    are drawn at the axis floor, since a log axis cannot show 0; the FPR range below
+    1 / n_non_members, which the evaluation cannot resolve, is shaded.
+
+    Args:
+        curves: `{attack_name: (labels, scores)}`, labels `(N,)` 1 = member / 0 = non-member,
+            scores `(N,)` with higher = more likely a member.
+        path: the image file to write (e.g. `roc.png`).
+
+    Returns:
+        The path written.
+    """
+    return _save(_roc_figure(_check_curves(curves)), path)
+
+
+def _roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
+    n_members = [int((labels == 1).sum()) for labels, _ in curves.values()]
+    n_non_members = [int((labels == 0).sum()) for labels, _ in curves.values()]
+    fpr_floor = min(1e-4, 1.0 / max(max(n_non_members), 1))
+    tpr_floor = min(1e-4, 1.0 / max(max(n_members), 1))
+
+    figure = Figure(figsize=(5.5, 5))
+    ax = figure.subplots()
+    for name, (labels, scores) in curves.items():
+        fpr, tpr, _ = roc_points(labels, scores)
+        label = (
+            f"{name} (AUC {auc(labels, scores):.3f}, "
+            f"TPR@{_LEGEND_ALPHA:.0%}FPR {tpr_at_fpr(labels, scores, _LEGEND_ALPHA):.3f})"
+        )
+        ax.step(np.maximum(fpr, fpr_floor), np.maximum(tpr, tpr_floor), where="post", label=label)
+    chance = np.array([min(fpr_floor, tpr_floor), 1.0])
+    ax.plot(chance, chance, linestyle="--", color="grey", linewidth=1, label="chance")
+    fpr_resolution = 1.0 / max(min(n_non_members), 1)
+    if fpr_resolution > fpr_floor:
+        # Left of 1/n_non_members the curve only repeats its value at FPR 0.
+        ax.axvspan(fpr_floor, fpr_resolution, color="grey", alpha=0.12, label="FPR < 1/n_non_members")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlim(fpr_floor, 1.0)
+    ax.set_ylim(tpr_floor, 1.0)
+    ax.set_xlabel("false positive rate (non-members called members)")
+    ax.set_ylabel("true positive rate (members found)")
+    ax.set_title("ROC (log-log)")
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="lower right", fontsize="small")
+    return figure
+
+
+def plot_score_histograms(curves: Curves, path) -> Path:
+    """Member vs non-member score histograms, one subplot per attack.
+
+    Args:
+        curves: `{attack_name: (labels, scores)}` as for `plot_roc`.
+        path: the image file to write.
+
+    Returns:
+        The path written.
+    """
+    return _save(_histogram_figure(_check_curves(curves)), path)
+
+
+def _histogram_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
+    n_cols = min(3, len(curves))
+    n_rows = math.ceil(len(curves) / n_cols)
+    figure = Figure(figsize=(4.2 * n_cols, 3.2 * n_rows))
+    axes = np.atleast_1d(figure.subplots(n_rows, n_cols, squeeze=False)).ravel()
+    for ax, (name, (labels, scores)) in zip(axes, curves.items()):
+        scores = scores.astype(np.float64)
+        # Shared bins so the two classes are comparable; density since class sizes may differ.
+        bins = np.histogram_bin_edges(scores, bins=min(50, max(10, scores.size // 10)))
+        ax.hist(scores[labels == 1], bins=bins, density=True, alpha=0.55, label=f"members (n={int((labels == 1).sum())})")
+        ax.hist(
+            scores[labels == 0], bins=bins, density=True, alpha=0.55, label=f"non-members (n={int((labels == 0).sum())})"
+        )
+        ax.set_title(name)
+        ax.set_xlabel("score (higher = more likely member)")
+        ax.set_ylabel("density")
+        ax.legend(fontsize="small")
+    for ax in axes[len(curves) :]:
+        ax.set_visible(False)
+    figure.tight_layout()
+    return figure
+
+
+def _to_display(images: np.ndarray, what: str) -> np.ndarray:
+    """`(..., C, H, W)` in [-1, 1] with C in {1, 3} -> `(..., H, W, C)` in [0, 1]."""
+    if images.shape[-3] not in (1, 3):
+        raise MiaGenError(
+            f"{what} must have 1 or 3 channels in NCHW layout; got shape {images.shape}. "
+            "If your images are NHWC, permute them to NCHW first."
+        )
+    lo, hi = float(images.min()), float(images.max())
+    if lo < -1.0 - 1e-3 or hi > 1.0 + 1e-3:
+        raise MiaGenError(
+            f"{what} must be in [-1, 1] (the framework's image convention); got values in "
+            f"[{lo:.3g}, {hi:.3g}]. Convert [0, 1] images with x * 2 - 1, uint8 with x / 127.5 - 1."
+        )
+    return np.clip((np.moveaxis(images.astype(np.float32), -3, -1) + 1.0) / 2.0, 0.0, 1.0)
+
+
+def plot_nearest_neighbours(queries, neighbours, path, query_labels=None, distances=None) -> Path:
+    """Query records beside their nearest generated samples.
+
+    Args:
+        queries: `(Q, C, H, W)` in [-1, 1], C in {1, 3}: the records under attack.
+        neighbours: `(Q, k, C, H, W)` in [-1, 1]: each query's k nearest generated samples,
+            nearest first.
+        path: the image file to write.
+        query_labels: optional `(Q,)`, 1 = member / 0 = non-member, shown in row titles.
+        distances: optional `(Q, k)` distances to the neighbours, shown in titles.
+
+    Returns:
+        The path written.
+    """
+    return _save(_neighbours_figure(queries, neighbours, query_labels, distances), path)
+
+
+def _neighbours_figure(queries, neighbours, query_labels, distances) -> Figure:
+    queries, neighbours = _as_numpy(queries), _as_numpy(neighbours)
+    if queries.ndim != 4 or neighbours.ndim != 5 or neighbours.shape[0] != queries.shape[0]:
+        raise MiaGenError(
+            f"queries must be (Q, C, H, W) and neighbours (Q, k, C, H, W) with the same Q; got "
+            f"{queries.shape} and {neighbours.shape}. Stack each query's k nearest samples "
+            "along axis 1."
+        )
+    if neighbours.shape[2:] != queries.shape[1:]:
+        raise MiaGenError(
+            f"neighbours' images {neighbours.shape[2:]} differ from the queries' {queries.shape[1:]}; "
+            "compare records and samples at the same resolution and channel count."
+        )
+    n_queries, k = neighbours.shape[:2]
+    for name, value, shape in (("query_labels", query_labels, (n_queries,)), ("distances", distances, (n_queries, k))):
+        if value is not None and _as_numpy(value).shape != shape:
+            raise MiaGenError(f"{name} must have shape {shape} (one per query / neighbour); got {_as_numpy(value).shape}.")
+    queries = _to_display(queries, "queries")
+    neighbours = _to_display(neighbours, "neighbours")
+    labels = None if query_labels is None else _as_numpy(query_labels)
+    distances = None if distances is None else _as_numpy(distances).astype(np.float64)
+
+    figure = Figure(figsize=(1.4 * (k + 1), 1.5 * n_queries + 0.4))
+    axes = figure.subplots(n_queries, k + 1, squeeze=False)
+    cmap = "gray" if queries.shape[-1] == 1 else None
+    for q in range(n_queries):
+        row = [queries[q]] + [neighbours[q, j] for j in range(k)]
+        for j, (ax, image) in enumerate(zip(axes[q], row)):
+            ax.imshow(image.squeeze(-1) if cmap else image, cmap=cmap, vmin=0.0, vmax=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j == 0:
+                title = "query" if labels is None else ("member" if int(labels[q]) == 1 else "non-member")
+                if distances is not None:
+                    title += f"\nd(1-NN)={distances[q, 0]:.3g}"
+            else:
+                title = f"#{j}" if distances is None else f"#{j} d={distances[q, j - 1]:.3g}"
+            ax.set_title(title, fontsize=7)
+    figure.suptitle("queries (left) and their nearest generated samples", fontsize=9)
+    return figure
+
+
+_REQUIRED_RESULT_KEYS = ("attack", "auc", "asr", "tpr_at_fpr", "n_members", "n_non_members")
+
+
+def _alpha_label(alpha: float) -> str:
+    return f"{alpha * 100:g}%"
+
+
+def format_results_table(results: Sequence[Mapping]) -> str:
+    """One row per attack as an aligned markdown table (plain text in a terminal too).
+
+    Args:
+        results: entries of `results.json`: `evaluate_scores` output plus `"attack"`, and
+            optionally `"access"` and `"seconds"`.
+
+    Returns:
+        The table; a TPR marked `*` has fewer than 1/alpha non-members behind it (not
+        resolvable at that FPR), and a note below the table says so.
+    """
+    for i, result in enumerate(results):
+        missing = [key for key in _REQUIRED_RESULT_KEYS if key not in result]
+        if missing:
+            raise MiaGenError(
+                f"results[{i}] lacks {missing}; each entry must be evaluate_scores(...) output "
+                "with 'attack' (and optionally 'access', 'seconds') added."
+            )
+    alphas = sorted({float(key) for r in results for key in r["tpr_at_fpr"]}, reverse=True)
+    header = ["attack", "access", "AUC [95% CI]", "ASR"]
+    header += [f"TPR@{_alpha_label(a)}FPR" for a in alphas]
+    header += ["n_members", "n_non_members", "seconds"]
+    rows = []
+    unresolvable = False
+    for r in results:
+        ci = r.get("ci95", {}).get("auc")
+        auc_text = f"{r['auc']:.3f}" + (f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "")
+        tprs = []
+        for alpha in alphas:
+            value = next((v for k, v in r["tpr_at_fpr"].items() if float(k) == alpha), None)
+            if value is None:
+                tprs.append("-")
+                continue
+            mark = "*" if r["n_non_members"] * alpha < 1.0 - 1e-9 else ""
+            unresolvable |= bool(mark)
+            tprs.append(f"{value:.3f}{mark}")
+        seconds = r.get("seconds")
+        rows.append(
+            [str(r["attack"]), str(r.get("access", "-")), auc_text, f"{r['asr']:.3f}", *tprs]
+            + [str(r["n_members"]), str(r["n_non_members"]), "-" if seconds is None else f"{seconds:.1f}"]
+        )
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
+    numeric = [False, False] + [True] * (len(header) - 2)
+
+    def line(cells):
+        padded = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2)) for w, num in zip(widths, numeric)) + "|"
+    table = "\n".join([line(header), rule, *(line(row) for row in rows)])
+    if unresolvable:
+        table += "\n\n(*) fewer than 1/alpha non-members: the TPR is at FPR 0, not resolvable at that alpha."
+    return table
+
+
+# run_info keys shown first in the header, with their labels; any other keys follow.
+_RUN_INFO_LABELS = {"config_hash": "config hash", "model": "model", "dataset": "dataset", "n_samples": "generated samples"}
+
+
+def write_report(out_dir, results: Sequence[Mapping], run_info: Mapping, images: Mapping[str, str]) -> Path:
+    """Write `report.md`: run header, results table, warnings and figures.
+
+    Args:
+        out_dir: the run's output directory; `report.md` is written there and images are
+            linked relative to it.
+        results: entries as for `format_results_table`; their `"warnings"` are listed.
+        run_info: facts about the run, e.g. `{"config_hash", "model", "dataset",
+            "n_samples"}` (shown first, in that order), plus any other keys.
+        images: `{title: path}` of figures that already exist (e.g. the paths `plot_roc`
+            returns); relative paths are relative to the working directory, as usual.
+
+    Returns:
+        The path of `report.md`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    lines = ["# mia-gen membership inference report", ""]
+    ordered = [k for k in _RUN_INFO_LABELS if k in run_info] + [k for k in run_info if k not in _RUN_INFO_LABELS]
+    lines += [f"- **{_RUN_INFO_LABELS.get(key, key)}**: {run_info[key]}" for key in ordered]
+    lines += ["", "## Results", "", "Higher score = more likely member; TPR at FPR <= alpha is the largest TPR at that FPR.", ""]
+    lines += [format_results_table(results), ""]
+    warnings = [f"- **{r['attack']}**: {w}" for r in results for w in r.get("warnings", [])]
+    if warnings:
+        lines += ["## Warnings", "", *warnings, ""]
+    if images:
+        lines += ["## Figures", ""]
+    for title, image in images.items():
+        image = Path(image)
+        if not image.is_file():
+            raise MiaGenError(
+                f"Figure '{title}' is missing at {image}; draw it first (plot_roc, "
+                "plot_score_histograms, plot_nearest_neighbours) or leave it out of `images`."
+            )
+        link = Path(os.path.relpath(image.resolve(), out_dir.resolve())).as_posix()
+        lines += [f"### {title}", "", f"![{title}]({link})", ""]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines))
+    return path

@@ -1,0 +1,472 @@
+"""Generated samples (and their latents z) on disk in shards, written resumably and read by mmap.
+
+Layout of a store directory::
+
+    manifest.json                     settings + per-shard count, bytes, sha256; `complete`
+    shard_00000.samples.npy           (n, *sample_shape) in the storage dtype
+    shard_00000.latents.npy           (n, latent_dim) float32, only when sample_fn returns z
+
+Shard i is drawn from a fresh `torch.Generator` seeded from (seed, i), so regenerating one shard
+gives the same bytes as an uninterrupted run: a resumed store equals a fresh one, byte for byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from mia_gen.errors import CorruptStoreError, MiaGenError
+from mia_gen.hashing import _plain, config_hash
+
+MANIFEST = "manifest.json"
+FORMAT = "mia-gen-sample-store"
+FORMAT_VERSION = 1
+STORAGE_DTYPES = ("uint8", "float16", "float32")
+_UINT8_SCALE = 127.5
+# uint8 rounding already tolerates this much outside [-1, 1]; beyond it the data are not images.
+_IMAGE_RANGE_TOLERANCE = 1e-3
+_RESUME_HINT = (
+    "Rerun `mia-gen-sample` (or write_samples) with the same settings: it keeps the verified "
+    "shards and rewrites only the missing or damaged ones."
+)
+
+SampleFn = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def shard_seed(seed: int, shard_index: int) -> int:
+    """Seed of shard `shard_index`'s generator: a hash of (seed, index), independent of other shards."""
+    digest = hashlib.sha256(f"mia-gen-shard|{int(seed)}|{int(shard_index)}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def _shard_name(index: int, kind: str) -> str:
+    return f"shard_{index:05d}.{kind}.npy"
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _atomic_save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
+    """Write `array` as .npy under a temp name, then rename; returns the manifest entry."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        np.save(handle, array, allow_pickle=False)
+        handle.flush()
+        os.fsync(handle.fileno())
+    entry = {"file": path.name, "bytes": tmp.stat().st_size, "sha256": _file_sha256(tmp)}
+    os.replace(tmp, path)
+    return entry
+
+
+def encode_samples(x: torch.Tensor, storage_dtype: str) -> np.ndarray:
+    """Float samples -> the on-disk array.
+
+    x (`torch.Tensor` of shape `(n, *sample_shape)`; images in [-1, 1] for "uint8").
+    uint8 stores round((x + 1) * 127.5) clipped to [0, 255]; decoding error is <= 0.5 / 127.5.
+    """
+    x = x.detach().to("cpu", torch.float32)
+    if storage_dtype == "uint8":
+        return torch.round((x + 1.0) * _UINT8_SCALE).clamp_(0, 255).to(torch.uint8).numpy()
+    return x.numpy().astype(storage_dtype, copy=False)
+
+
+def decode_samples(array: np.ndarray) -> torch.Tensor:
+    """On-disk array -> float32 tensor (uint8 mapped back to [-1, 1])."""
+    out = torch.from_numpy(np.array(array, dtype=np.float32, copy=True))
+    if array.dtype == np.uint8:
+        out = out / _UINT8_SCALE - 1.0
+    return out
+
+
+class SampleStore:
+    """Read access to a complete sample store; open with `SampleStore.open(path)`.
+
+    Shards are memory-mapped, so memory does not grow with the number of samples.
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = Path(path)
+        self._manifest = manifest
+        self._shards: list[dict[str, Any]] = sorted(manifest["shards"], key=lambda s: s["index"])
+        self._starts = np.array([s["start"] for s in self._shards], dtype=np.int64)
+        self._mmaps: dict[tuple[int, str], np.ndarray] = {}
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "SampleStore":
+        """Open a finished store; CorruptStoreError if it is incomplete or a shard is truncated."""
+        path = Path(path)
+        manifest = _read_manifest(path)
+        if manifest is None:
+            raise CorruptStoreError(
+                f"No sample store at {path}: {MANIFEST} is missing (sampling never started or was "
+                f"interrupted before its first shard). {_RESUME_HINT}"
+            )
+        if not manifest.get("complete", False):
+            done = len(manifest.get("shards", []))
+            total = _n_shards(manifest["n_samples"], manifest["shard_size"])
+            raise CorruptStoreError(
+                f"Sample store {path} is incomplete: {done} of {total} shards were written before "
+                f"sampling stopped. {_RESUME_HINT}"
+            )
+        for shard in manifest["shards"]:
+            for kind in ("samples", "latents"):
+                entry = shard.get(kind)
+                if entry is None:
+                    continue
+                file = path / entry["file"]
+                if not file.exists():
+                    raise CorruptStoreError(
+                        f"Sample store {path}: shard {shard['index']} file {entry['file']} is missing. "
+                        f"{_RESUME_HINT}"
+                    )
+                size = file.stat().st_size
+                if size != entry["bytes"]:
+                    raise CorruptStoreError(
+                        f"Sample store {path}: shard {shard['index']} file {entry['file']} has "
+                        f"{size} bytes, the manifest recorded {entry['bytes']} (truncated or "
+                        f"overwritten). {_RESUME_HINT}"
+                    )
+        return cls(path, manifest)
+
+    # --------------------------------------------------------------- properties
+    def __len__(self) -> int:
+        return int(self._manifest["n_samples"])
+
+    def __repr__(self) -> str:
+        return (
+            f"SampleStore({str(self.path)!r}, n={len(self)}, sample_shape={self.sample_shape}, "
+            f"latent_dim={self.latent_dim}, storage_dtype={self.storage_dtype!r})"
+        )
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        return tuple(self._manifest["sample_shape"])
+
+    @property
+    def latent_dim(self) -> int | None:
+        return self._manifest["latent_dim"]
+
+    @property
+    def storage_dtype(self) -> str:
+        return self._manifest["storage_dtype"]
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        return self._manifest["metadata"]
+
+    @property
+    def seed(self) -> int:
+        return int(self._manifest["seed"])
+
+    @property
+    def n_shards(self) -> int:
+        return len(self._shards)
+
+    # ------------------------------------------------------------------ reading
+    def _array(self, shard_pos: int, kind: str) -> np.ndarray:
+        key = (shard_pos, kind)
+        if key not in self._mmaps:
+            shard = self._shards[shard_pos]
+            entry = shard[kind]
+            array = np.load(self.path / entry["file"], mmap_mode="r", allow_pickle=False)
+            if array.shape[0] != shard["count"]:
+                raise CorruptStoreError(
+                    f"Sample store {self.path}: shard {shard['index']} holds {array.shape[0]} rows, "
+                    f"the manifest says {shard['count']}. {_RESUME_HINT}"
+                )
+            self._mmaps[key] = array
+        return self._mmaps[key]
+
+    def _require_latents(self) -> None:
+        if self.latent_dim is None:
+            raise MiaGenError(
+                f"Sample store {self.path} has no latents (its sample_fn returned z=None); "
+                "resample with a sample_fn that returns (x, z) to use latent-based attacks."
+            )
+
+    def _read_range(self, start: int, stop: int, kind: str) -> np.ndarray:
+        """Rows [start, stop) of `kind`, possibly spanning shards (copied out of the mmaps)."""
+        parts = []
+        pos = int(np.searchsorted(self._starts, start, side="right")) - 1
+        while start < stop:
+            shard = self._shards[pos]
+            lo = start - shard["start"]
+            hi = min(stop - shard["start"], shard["count"])
+            parts.append(np.asarray(self._array(pos, kind)[lo:hi]))
+            start = shard["start"] + hi
+            pos += 1
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+    def iter_chunks(
+        self, chunk_size: int = 8192, with_latents: bool = False
+    ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor | None]]:
+        """Yield `(start, x, z)` covering all samples in order.
+
+        x (`torch.Tensor` float32 of shape `(n, *sample_shape)`, uint8 stores decoded to [-1, 1]);
+        z (`(n, latent_dim)` float32) when `with_latents`, else None. n <= chunk_size.
+        """
+        if chunk_size < 1:
+            raise MiaGenError(f"chunk_size must be >= 1, got {chunk_size}.")
+        if with_latents:
+            self._require_latents()
+        for start in range(0, len(self), chunk_size):
+            stop = min(start + chunk_size, len(self))
+            x = decode_samples(self._read_range(start, stop, "samples"))
+            z = None
+            if with_latents:
+                z = torch.from_numpy(np.array(self._read_range(start, stop, "latents"), copy=True))
+            yield start, x, z
+
+    def _gather(self, indices: Sequence[int] | np.ndarray | torch.Tensor, kind: str) -> np.ndarray:
+        idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
+        idx = idx.astype(np.int64).reshape(-1)
+        if idx.size and (idx.min() < -len(self) or idx.max() >= len(self)):
+            raise MiaGenError(
+                f"Index out of range for sample store {self.path} with {len(self)} samples "
+                f"(got min {idx.min()}, max {idx.max()})."
+            )
+        idx = np.where(idx < 0, idx + len(self), idx)
+        shard_of = np.searchsorted(self._starts, idx, side="right") - 1
+        first = self._array(0, kind)
+        out = np.empty((idx.size, *first.shape[1:]), dtype=first.dtype)
+        for pos in np.unique(shard_of):
+            mask = shard_of == pos
+            out[mask] = self._array(int(pos), kind)[idx[mask] - self._starts[pos]]
+        return out
+
+    def get(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Samples at `indices` (in that order), float32 `(len(indices), *sample_shape)`."""
+        return decode_samples(self._gather(indices, "samples"))
+
+    def get_latents(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Latents at `indices` (in that order), float32 `(len(indices), latent_dim)`."""
+        self._require_latents()
+        return torch.from_numpy(self._gather(indices, "latents"))
+
+    def verify(self) -> None:
+        """Re-hash every shard file; CorruptStoreError naming the first shard that differs."""
+        for shard in self._shards:
+            for kind in ("samples", "latents"):
+                entry = shard.get(kind)
+                if entry is not None and _file_sha256(self.path / entry["file"]) != entry["sha256"]:
+                    raise CorruptStoreError(
+                        f"Sample store {self.path}: shard {shard['index']} file {entry['file']} "
+                        f"does not match its recorded sha256 (damaged on disk). {_RESUME_HINT}"
+                    )
+
+
+# ---------------------------------------------------------------------- writing
+def _n_shards(n_samples: int, shard_size: int) -> int:
+    return -(-n_samples // shard_size)
+
+
+def _read_manifest(path: Path) -> dict[str, Any] | None:
+    file = path / MANIFEST
+    if not file.exists():
+        return None
+    try:
+        manifest = json.loads(file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CorruptStoreError(
+            f"{file} is not valid JSON ({exc}); delete {path} and resample."
+        ) from exc
+    if manifest.get("format") != FORMAT:
+        raise CorruptStoreError(
+            f"{file} is not a mia-gen sample store manifest; use a new path or delete {path}."
+        )
+    return manifest
+
+
+def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
+    _atomic_write_bytes(path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
+
+
+def _shard_is_intact(path: Path, shard: dict[str, Any]) -> bool:
+    for kind in ("samples", "latents"):
+        entry = shard.get(kind)
+        if entry is None:
+            continue
+        file = path / entry["file"]
+        if not file.exists() or file.stat().st_size != entry["bytes"]:
+            return False
+        if _file_sha256(file) != entry["sha256"]:
+            return False
+    return True
+
+
+def _check_batch(x: Any, z: Any, n: int, storage_dtype: str, shard_index: int) -> None:
+    if not isinstance(x, torch.Tensor) or x.ndim < 2 or x.shape[0] != n:
+        got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+        raise MiaGenError(
+            f"sample_fn({n}, generator) must return (x, z) with x a tensor of shape (n, ...) = "
+            f"({n}, ...); for shard {shard_index} it returned x of {got}."
+        )
+    if not torch.isfinite(x).all():
+        raise MiaGenError(
+            f"sample_fn returned non-finite values in shard {shard_index}; the generator diverged "
+            "or the checkpoint is damaged. Check the model before sampling."
+        )
+    if storage_dtype == "uint8":
+        lo, hi = float(x.min()), float(x.max())
+        if lo < -1 - _IMAGE_RANGE_TOLERANCE or hi > 1 + _IMAGE_RANGE_TOLERANCE:
+            raise MiaGenError(
+                f"storage_dtype='uint8' is for images in [-1, 1], but shard {shard_index} has values "
+                f"in [{lo:.3g}, {hi:.3g}]. Map images to [-1, 1] (e.g. tanh output, or 2x-1 for "
+                "[0, 1]), or use storage_dtype='float32' for tabular data."
+            )
+    if z is not None and (not isinstance(z, torch.Tensor) or z.ndim != 2 or z.shape[0] != n):
+        got = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+        raise MiaGenError(
+            f"sample_fn must return z of shape (n, latent_dim) = ({n}, latent_dim) or None; "
+            f"shard {shard_index} returned {got}."
+        )
+
+
+def write_samples(
+    path: str | os.PathLike,
+    sample_fn: SampleFn,
+    n_samples: int,
+    *,
+    shard_size: int = 10_000,
+    seed: int = 0,
+    storage_dtype: str = "uint8",
+    metadata: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> SampleStore:
+    """Draw `n_samples` from `sample_fn` into a sharded store at `path`; resumes a partial store.
+
+    sample_fn(n, generator) -> (x, z): x float `(n, *sample_shape)` (images in [-1, 1]),
+    z float `(n, latent_dim)` or None. `generator` is a CPU `torch.Generator` seeded from
+    (seed, shard index); draw all randomness from it (on CPU, then move to the model's device)
+    for results that do not depend on earlier shards or on the device.
+    Memory holds one shard at a time (`shard_size` samples).
+    """
+    path = Path(path)
+    if isinstance(n_samples, bool) or not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
+        raise MiaGenError(f"n_samples must be a positive integer, got {n_samples!r}.")
+    if isinstance(shard_size, bool) or not isinstance(shard_size, (int, np.integer)) or shard_size < 1:
+        raise MiaGenError(f"shard_size must be a positive integer, got {shard_size!r}.")
+    if storage_dtype not in STORAGE_DTYPES:
+        raise MiaGenError(
+            f"storage_dtype={storage_dtype!r} is not supported; use 'uint8' (images in [-1, 1]), "
+            "'float16' or 'float32' (tabular)."
+        )
+    n_samples, shard_size, seed = int(n_samples), int(shard_size), int(seed)
+    plain_metadata = _plain(metadata or {})
+    settings = {
+        "n_samples": n_samples,
+        "shard_size": shard_size,
+        "seed": seed,
+        "storage_dtype": storage_dtype,
+        "metadata_hash": config_hash(plain_metadata),
+    }
+
+    path.mkdir(parents=True, exist_ok=True)
+    for leftover in path.glob(".shard_*.tmp"):
+        leftover.unlink()  # a kill between write and rename leaves these behind
+
+    manifest = _read_manifest(path)
+    if manifest is None:
+        if any(path.glob("shard_*.npy")):
+            raise MiaGenError(
+                f"{path} holds shard files but no {MANIFEST}; it was not written by this version of "
+                "mia-gen. Use a new path or delete the directory."
+            )
+        manifest = {
+            "format": FORMAT,
+            "version": FORMAT_VERSION,
+            **settings,
+            "metadata": plain_metadata,
+            "sample_shape": None,
+            "latent_dim": None,
+            "shards": [],
+            "complete": False,
+        }
+    else:
+        differing = [
+            f"{key}: stored {manifest.get(key)!r}, requested {value!r}"
+            for key, value in settings.items()
+            if manifest.get(key) != value
+        ]
+        if differing:
+            raise MiaGenError(
+                f"{path} already holds a sample store written with different settings ("
+                + "; ".join(differing)
+                + "). Use a new path for these settings, or delete the directory to replace it."
+            )
+
+    n_total = _n_shards(n_samples, shard_size)
+    kept = [s for s in manifest["shards"] if _shard_is_intact(path, s)]
+    if len(kept) != len(manifest["shards"]) or (manifest["complete"] and len(kept) < n_total):
+        manifest["complete"] = False
+    manifest["shards"] = kept
+    _write_manifest(path, manifest)
+    done = {s["index"] for s in kept}
+
+    todo = [i for i in range(n_total) if i not in done]
+    iterator: Any = todo
+    if progress and todo:
+        from tqdm.auto import tqdm
+
+        iterator = tqdm(todo, desc=f"sampling into {path.name}", unit="shard")
+    for index in iterator:
+        start = index * shard_size
+        count = min(shard_size, n_samples - start)
+        generator = torch.Generator(device="cpu").manual_seed(shard_seed(seed, index))
+        with torch.no_grad():
+            out = sample_fn(count, generator)
+        if not isinstance(out, (tuple, list)) or len(out) != 2:
+            raise MiaGenError(
+                "sample_fn(n, generator) must return a pair (x, z) (z may be None); "
+                f"it returned {type(out).__name__}."
+            )
+        x, z = out
+        _check_batch(x, z, count, storage_dtype, index)
+        sample_shape = list(x.shape[1:])
+        latent_dim = None if z is None else int(z.shape[1])
+        if manifest["sample_shape"] is None:
+            manifest["sample_shape"], manifest["latent_dim"] = sample_shape, latent_dim
+        elif manifest["sample_shape"] != sample_shape or manifest["latent_dim"] != latent_dim:
+            raise MiaGenError(
+                f"Shard {index} has sample shape {sample_shape} and latent_dim {latent_dim}, but the "
+                f"store at {path} holds shape {manifest['sample_shape']} and latent_dim "
+                f"{manifest['latent_dim']}. Use a new path for a different model, or delete it."
+            )
+        shard = {
+            "index": index,
+            "start": start,
+            "count": count,
+            "samples": _atomic_save_npy(path / _shard_name(index, "samples"), encode_samples(x, storage_dtype)),
+            "latents": None,
+        }
+        if z is not None:
+            latents = z.detach().to("cpu", torch.float32).numpy()
+            shard["latents"] = _atomic_save_npy(path / _shard_name(index, "latents"), latents)
+        manifest["shards"] = sorted(manifest["shards"] + [shard], key=lambda s: s["index"])
+        _write_manifest(path, manifest)
+
+    if not manifest["complete"]:
+        manifest["complete"] = True
+        _write_manifest(path, manifest)
+    return SampleStore.open(path)

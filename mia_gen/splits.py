@@ -1,0 +1,324 @@
+"""Membership splits as data: which records are members, non-members and reference records.
+
+A split names its dataset and the dataset's fingerprint, the seed it was drawn with, and
+three disjoint index lists into the `RecordSet`:
+
+- `members`: the records the target model is trained on;
+- `non_members`: records the model never saw, evaluated against the members;
+- `reference`: records from the same distribution, disjoint from both, for attacks with
+  `reference_data` access (DOMIAS, calibration, reference models).
+
+Lists are kept in **draw order** (the order of one seeded permutation), not sorted, so that
+any prefix of a list is itself a uniform random subset (e.g. "the first 1,000 reference
+records"). Split files are JSON; SecMI / PIA `.npz` split files can be imported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zipfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from mia_gen.datasets import RecordSet
+from mia_gen.errors import MiaGenError, MissingAssetError
+
+FORMAT_VERSION = 1
+SET_NAMES = ("members", "non_members", "reference")
+_SHOWN = 5  # offending indices quoted in an error message
+
+
+@dataclass(eq=False)
+class Split:
+    """Members / non-members / reference indices into one dataset.
+
+    Attributes:
+        dataset: the dataset's name (`RecordSet.name`).
+        fingerprint: the dataset's fingerprint (`RecordSet.fingerprint`) when the split was made.
+        seed: the seed of the permutation the lists were drawn from.
+        members, non_members, reference: int64 `np.ndarray` of shape `(K,)`, in draw order.
+        n_records: the dataset's number of records; every index lies in `[0, n_records)`.
+    """
+
+    dataset: str
+    fingerprint: str
+    seed: int
+    members: np.ndarray
+    non_members: np.ndarray
+    reference: np.ndarray
+    n_records: int
+
+    def __post_init__(self) -> None:
+        for name in SET_NAMES:
+            setattr(self, name, _as_indices(getattr(self, name), name))
+        if isinstance(self.n_records, bool) or not isinstance(self.n_records, (int, np.integer)):
+            raise MiaGenError(f"Split n_records must be an integer, got {self.n_records!r}.")
+        self.n_records = int(self.n_records)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Split) and self.to_dict() == other.to_dict()
+
+    def validate(self, records: RecordSet | None = None) -> None:
+        """Check the split; with `records`, also check that it belongs to that dataset.
+
+        Raises:
+            MiaGenError: an index out of range, a duplicate, an index in two lists, or a
+                dataset whose size or fingerprint differs; the message names the indices.
+        """
+        fix = "draw a new split (split.path=null) or fix the split file"
+        for name in SET_NAMES:
+            indices = getattr(self, name)
+            outside = indices[(indices < 0) | (indices >= self.n_records)]
+            if outside.size:
+                raise MiaGenError(
+                    f"Split {name} has {outside.size} index(es) outside [0, {self.n_records}), e.g. "
+                    f"{outside[:_SHOWN].tolist()}; {fix}."
+                )
+            values, counts = np.unique(indices, return_counts=True)
+            repeated = values[counts > 1]
+            if repeated.size:
+                raise MiaGenError(
+                    f"Split {name} lists {repeated.size} index(es) more than once, e.g. "
+                    f"{repeated[:_SHOWN].tolist()}; each record may appear once: {fix}."
+                )
+        for i, first in enumerate(SET_NAMES):
+            for second in SET_NAMES[i + 1 :]:
+                shared = np.intersect1d(getattr(self, first), getattr(self, second))
+                if shared.size:
+                    raise MiaGenError(
+                        f"Split {first} and {second} share {shared.size} record(s), e.g. "
+                        f"{shared[:_SHOWN].tolist()}; the three lists must be disjoint or the "
+                        f"membership labels are wrong: {fix}."
+                    )
+        if records is None:
+            return
+        if len(records) != self.n_records or records.fingerprint != self.fingerprint:
+            raise MiaGenError(
+                f"The split was made for dataset '{self.dataset}' ({self.n_records} records, fingerprint "
+                f"{self.fingerprint[:12]}…) but the loaded dataset '{records.name}' has {len(records)} "
+                f"records and fingerprint {records.fingerprint[:12]}…; the data differ (data.name, "
+                "resolution, channels, subset, max_records or the files changed). Load the data config "
+                f"the split was made with, or {fix}."
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able form: format_version, dataset, fingerprint, seed, n_records and the three lists."""
+        return {
+            "format_version": FORMAT_VERSION,
+            "dataset": self.dataset,
+            "fingerprint": self.fingerprint,
+            "seed": self.seed,
+            "n_records": self.n_records,
+            **{name: getattr(self, name).tolist() for name in SET_NAMES},
+        }
+
+    @classmethod
+    def from_dict(cls, content: dict[str, Any], source: str = "split") -> Split:
+        """Rebuild a split from `to_dict()` output (not validated; see `validate`)."""
+        if not isinstance(content, dict):
+            raise MiaGenError(f"{source} must hold a JSON object, got {type(content).__name__}.")
+        if content.get("format_version") != FORMAT_VERSION:
+            raise MiaGenError(
+                f"{source} has format_version={content.get('format_version')!r}; this mia-gen reads "
+                f"version {FORMAT_VERSION}. Re-create the split (split.path=null) or convert the file."
+            )
+        keys = ("dataset", "fingerprint", "seed", "n_records", *SET_NAMES)
+        missing = [key for key in keys if key not in content]
+        if missing:
+            raise MiaGenError(f"{source} lacks the key(s) {missing}; a split file has {list(keys)}.")
+        return cls(**{key: content[key] for key in keys})
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the split as JSON to `path` (parent folders are created)."""
+        self.validate()
+        path = os.fspath(path)
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as handle:
+            json.dump(self.to_dict(), handle, indent=1)
+            handle.write("\n")
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, records: RecordSet | None = None) -> Split:
+        """Read a split file written by `save` and validate it (against `records` if given)."""
+        path = os.fspath(path)
+        if not os.path.isfile(path):
+            raise MissingAssetError(
+                f"Split file {path!r} does not exist; set split.path=<file.json> to an existing split, "
+                "or split.path=null to draw a new one."
+            )
+        try:
+            with open(path) as handle:
+                content = json.load(handle)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise MiaGenError(f"Split file {path!r} is not valid JSON ({error}); re-create it.") from error
+        split = cls.from_dict(content, source=f"Split file {path!r}")
+        split.validate(records)
+        return split
+
+
+def make_split(
+    records: RecordSet, n_members: int, n_non_members: int, n_reference: int = 0, seed: int = 0
+) -> Split:
+    """Draw a split from one seeded permutation of the records.
+
+    `np.random.default_rng(seed).permutation(len(records))` is cut into members, then
+    non-members, then reference records, so members do not change when only the number of
+    non-members or reference records changes.
+
+    Args:
+        records: the dataset.
+        n_members: number of members (>= 1).
+        n_non_members: number of non-members (>= 0).
+        n_reference: number of reference records (>= 0), or -1 for all remaining records.
+        seed: the permutation's seed.
+    """
+    counts = {"n_members": n_members, "n_non_members": n_non_members, "n_reference": n_reference}
+    for key, value in counts.items():
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise MiaGenError(f"split.{key} must be an integer, got {value!r}.")
+    if n_members < 1 or n_non_members < 0 or n_reference < -1:
+        raise MiaGenError(
+            f"Invalid split sizes {counts}: n_members must be >= 1, n_non_members >= 0, "
+            "n_reference >= 0 or -1 (all remaining records)."
+        )
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise MiaGenError(f"split.seed must be an integer, got {seed!r}.")
+    total = len(records)
+    taken = n_members + n_non_members
+    if n_reference == -1:
+        n_reference = max(total - taken, 0)
+    if taken + n_reference > total:
+        raise MiaGenError(
+            f"The split asks for {n_members} members + {n_non_members} non-members + {n_reference} "
+            f"reference records = {taken + n_reference}, but dataset '{records.name}' has only {total} "
+            "records. Lower split.n_members / split.n_non_members / split.n_reference (split.n_reference=-1 "
+            "takes all remaining records), or load more data (data.max_records=null, data.subset=all)."
+        )
+    order = np.random.default_rng(int(seed)).permutation(total)
+    split = Split(
+        dataset=records.name,
+        fingerprint=records.fingerprint,
+        seed=int(seed),
+        members=order[:n_members],
+        non_members=order[n_members:taken],
+        reference=order[taken : taken + n_reference],
+        n_records=total,
+    )
+    split.validate(records)
+    return split
+
+
+def import_secmi_split(
+    npz_path: str | os.PathLike, records: RecordSet, reference: str = "rest", seed: int = 0
+) -> Split:
+    """Import a SecMI / PIA split file (`mia_train_idxs` = members, `mia_eval_idxs` = non-members).
+
+    The indices refer to the dataset the file was made for (SecMI's CIFAR-10 files index the
+    50,000 training images: load `data=cifar10 data.subset=train` without `max_records`).
+
+    Args:
+        npz_path: the `.npz` file (other keys such as `ratio` are ignored).
+        records: the dataset the indices point into.
+        reference: `"rest"` for all records in neither list (in the draw order of a
+            permutation seeded by `seed`), or `"none"` for no reference records.
+        seed: the seed of that permutation; recorded in the split.
+    """
+    path = os.fspath(npz_path)
+    if reference not in ("rest", "none"):
+        raise MiaGenError(f"reference must be 'rest' or 'none', got {reference!r}.")
+    if not os.path.isfile(path):
+        raise MissingAssetError(
+            f"SecMI split file {path!r} does not exist; set split.secmi_npz=<file.npz> (e.g. SecMI's "
+            "CIFAR10_train_ratio0.5.npz) or split.secmi_npz=null."
+        )
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            found = sorted(archive.files)
+            if "mia_train_idxs" not in found or "mia_eval_idxs" not in found:
+                raise MiaGenError(
+                    f"{path!r} has keys {found}; a SecMI / PIA split file has 'mia_train_idxs' (members) "
+                    "and 'mia_eval_idxs' (non-members). Rename the arrays, or write a mia-gen split "
+                    "file (Split.save) and use split.path."
+                )
+            members = archive["mia_train_idxs"]
+            non_members = archive["mia_eval_idxs"]
+    except (ValueError, OSError, zipfile.BadZipFile) as error:
+        raise MiaGenError(f"Cannot read {path!r} as a numeric .npz archive ({error}); re-create it.") from error
+    members = _as_indices(members, "mia_train_idxs")
+    non_members = _as_indices(non_members, "mia_eval_idxs")
+    if reference == "rest":
+        order = np.random.default_rng(int(seed)).permutation(len(records))
+        rest = order[~np.isin(order, np.concatenate([members, non_members]))]
+    else:
+        rest = np.empty(0, dtype=np.int64)
+    split = Split(
+        dataset=records.name,
+        fingerprint=records.fingerprint,
+        seed=int(seed),
+        members=members,
+        non_members=non_members,
+        reference=rest,
+        n_records=len(records),
+    )
+    split.validate(records)
+    return split
+
+
+def load_or_make_split(split_cfg: Any, records: RecordSet) -> Split:
+    """The split a `split` config asks for (Hydra group `configs/split/`).
+
+    `split_cfg.path` set: load that split file; `split_cfg.secmi_npz` set: import that SecMI /
+    PIA file (reference = all remaining records); neither: draw `n_members`, `n_non_members`
+    and `n_reference` records with `seed`. The sizes are not used when a file is given.
+    """
+    try:
+        from omegaconf import DictConfig, OmegaConf
+        from omegaconf.errors import OmegaConfBaseException
+
+        if isinstance(split_cfg, DictConfig):
+            split_cfg = OmegaConf.to_container(split_cfg, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a hard dependency
+        pass
+    except OmegaConfBaseException as error:
+        raise MiaGenError(
+            f"The split config cannot be resolved ({error}); compose it inside the root config (which "
+            "defines `seed`) or set the value explicitly, e.g. split.seed=<int>."
+        ) from error
+    if not isinstance(split_cfg, dict):
+        raise MiaGenError(f"The split config must be a mapping, got {type(split_cfg).__name__}.")
+    path, secmi_npz = split_cfg.get("path"), split_cfg.get("secmi_npz")
+    if path is not None and secmi_npz is not None:
+        raise MiaGenError(
+            f"Both split.path={path!r} and split.secmi_npz={secmi_npz!r} are set; set one of them to null."
+        )
+    seed = split_cfg.get("seed", 0)
+    if path is not None:
+        return Split.load(os.path.expanduser(str(path)), records)
+    if secmi_npz is not None:
+        return import_secmi_split(os.path.expanduser(str(secmi_npz)), records, reference="rest", seed=seed)
+    missing = [key for key in ("n_members", "n_non_members") if split_cfg.get(key) is None]
+    if missing:
+        raise MiaGenError(f"The split config lacks {missing}; set split.n_members=<int> split.n_non_members=<int>.")
+    return make_split(
+        records,
+        n_members=split_cfg["n_members"],
+        n_non_members=split_cfg["n_non_members"],
+        n_reference=split_cfg.get("n_reference") or 0,
+        seed=seed,
+    )
+
+
+def _as_indices(values: Any, name: str) -> np.ndarray:
+    """A 1-D int64 array of record indices; integer-valued floats are refused (they hide bugs)."""
+    array = np.asarray(values)
+    if array.size == 0:
+        return np.empty(0, dtype=np.int64)
+    if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+        raise MiaGenError(
+            f"Split {name} must be a 1-D list of integer record indices, got dtype {array.dtype} and "
+            f"shape {array.shape}; fix the split file."
+        )
+    return array.astype(np.int64)

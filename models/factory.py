@@ -1,0 +1,96 @@
+"""Train and load generators by model family, so the pipeline does not know their trainers.
+
+Families: `gan` (DCGAN, WGAN-GP: `models.gan_trainer`), `memorizer` (noisy copies of the
+training records; the leakage upper bound used in tests and sanity checks).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from safetensors.torch import load_file, save_file
+
+from mia_gen.errors import MiaGenError, MissingAssetError
+
+FAMILIES = ("gan", "memorizer")
+
+
+def _family(model_cfg: DictConfig) -> str:
+    family = model_cfg.get("family")
+    if family not in FAMILIES:
+        raise MiaGenError(
+            f"model family '{family}' is not supported; model configs must set `family` to one of "
+            f"{FAMILIES} (see configs/model/)."
+        )
+    return family
+
+
+def train_model(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path, device: torch.device,
+                progress: bool = True) -> None:
+    """Train (or resume, or find finished) the model of `model_cfg` on `members` into `out_dir`.
+
+    members (`torch.Tensor` of shape `(N, C, H, W)`, in [-1, 1]).
+    """
+    out_dir.mkdir(parents=True, exist_ok=True)
+    family = _family(model_cfg)
+    if family == "memorizer":
+        if not (out_dir / "generator.json").is_file():  # written last: its presence means complete
+            _save_memorizer(model_cfg, members, out_dir)
+        return
+    from models.gan_trainer import train_gan
+
+    generator = instantiate(model_cfg.generator)
+    discriminator = instantiate(model_cfg.discriminator)
+    train_gan(generator, discriminator, members, model_cfg.training, out_dir, device, progress=progress)
+
+
+def load_generator(model_cfg: DictConfig, model_dir: Path, device: torch.device) -> torch.nn.Module:
+    """The trained generator in eval mode on `device`."""
+    family = _family(model_cfg)
+    if not model_dir.is_dir():
+        raise MissingAssetError(
+            f"no trained model at {model_dir}; train one first (`mia-gen-train` with the same "
+            "overrides) or point `model.checkpoint=<dir>` at a directory holding a trained model."
+        )
+    if family == "memorizer":
+        generator = _load_memorizer(model_dir)
+    else:
+        from models.checkpoint import load_module
+
+        generator = load_module(model_dir, "generator")
+    return generator.to(device).eval()
+
+
+def load_discriminator(model_cfg: DictConfig, model_dir: Path, device: torch.device) -> torch.nn.Module:
+    if _family(model_cfg) != "gan":
+        raise MiaGenError(f"model family '{model_cfg.family}' has no discriminator to load.")
+    from models.checkpoint import load_module
+
+    return load_module(model_dir, "discriminator").to(device).eval()
+
+
+def _save_memorizer(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path) -> None:
+    from models.memorizer import NoisyCopyGenerator
+
+    generator = NoisyCopyGenerator(members, **OmegaConf.to_container(model_cfg.generator, resolve=True))
+    tmp = out_dir / "generator.safetensors.tmp"
+    save_file({"records": generator.records.contiguous()}, str(tmp))
+    os.replace(tmp, out_dir / "generator.safetensors")
+    (out_dir / "generator.json").write_text(json.dumps(generator.config, indent=2))
+
+
+def _load_memorizer(model_dir: Path) -> torch.nn.Module:
+    from models.memorizer import NoisyCopyGenerator
+
+    weights, config = model_dir / "generator.safetensors", model_dir / "generator.json"
+    for path in (weights, config):
+        if not path.is_file():
+            raise MissingAssetError(f"{path} is missing; retrain with `mia-gen-train`.")
+    settings = json.loads(config.read_text())
+    return NoisyCopyGenerator(load_file(str(weights))["records"], noise_std=settings["noise_std"],
+                              clip=settings["clip"])

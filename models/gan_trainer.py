@@ -1,0 +1,309 @@
+"""Train a GAN (DCGAN or WGAN-GP objective) on the members, with atomic, resumable checkpoints.
+
+A *step* is one generator update preceded by `n_critic` discriminator / critic updates, each on
+a fresh batch of members (Gulrajani et al., 2017, Algorithm 1).
+
+Checkpoint layout in `out_dir`:
+
+- `generator.{safetensors,json}`, `discriminator.{safetensors,json}` (`models.checkpoint.save_module`);
+- `trainer_state.pt`: optimiser states, step, RNG states (tensors only; read with weights_only=True);
+- `trainer_state.json`: `{"step", "complete", "steps", "training_hash"}`, written LAST and removed
+  before a new checkpoint is written, so a crash mid-write never leaves a valid-looking checkpoint;
+- `samples/step_XXXXXX.png`: grids of a fixed set of 64 latent codes.
+
+All randomness of training (batch order, latent codes, penalty interpolation) comes from CPU
+`torch.Generator`s seeded from `training.seed`, and their states are checkpointed, so a resumed run
+gives bit-identical weights to an uninterrupted one on CPU.
+"""
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from mia_gen.device import resolve_device
+from mia_gen.errors import CorruptStoreError, MiaGenError
+from mia_gen.hashing import config_hash
+from models import dcgan, wgan_gp
+from models.checkpoint import atomic_replace, load_module, save_module
+
+TRAINING_KEYS = (
+    "loss", "steps", "batch_size", "lr_g", "lr_d", "betas", "n_critic",
+    "gp_weight", "checkpoint_every", "sample_every", "seed",
+)
+# Keys that may change between a run and its resumption without changing the weights.
+RESUMABLE_KEYS = ("steps", "checkpoint_every", "sample_every")
+STATE_JSON, STATE_PT = "trainer_state.json", "trainer_state.pt"
+GRID_SIZE = 64
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Loss pair of a GAN family; scores are the discriminator's `(N,)` outputs."""
+
+    discriminator_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    generator_loss: Callable[[torch.Tensor], torch.Tensor]
+    gradient_penalty: bool
+
+
+OBJECTIVES = {
+    "dcgan": Objective(dcgan.discriminator_loss, dcgan.generator_loss, gradient_penalty=False),
+    "wgan_gp": Objective(wgan_gp.critic_loss, wgan_gp.generator_loss, gradient_penalty=True),
+}
+
+
+class MemberBatches:
+    """Endless stream of member indices: concatenated random permutations (epochs) from a seeded generator.
+
+    A batch may span two epochs; its state (generator state, current order, cursor) is checkpointable.
+    """
+
+    def __init__(self, n_members: int, batch_size: int, seed: int) -> None:
+        self.n_members, self.batch_size = n_members, batch_size
+        self.rng = torch.Generator().manual_seed(seed)
+        self.order = torch.randperm(n_members, generator=self.rng)
+        self.cursor = 0
+
+    def next_indices(self) -> torch.Tensor:
+        """Indices `(batch_size,)` int64 into the members."""
+        parts, needed = [], self.batch_size
+        while needed:
+            if self.cursor == self.n_members:
+                self.order, self.cursor = torch.randperm(self.n_members, generator=self.rng), 0
+            take = min(needed, self.n_members - self.cursor)
+            parts.append(self.order[self.cursor : self.cursor + take])
+            self.cursor, needed = self.cursor + take, needed - take
+        return torch.cat(parts)
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.get_state(), "order": self.order.clone(), "cursor": self.cursor}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.set_state(state["rng"])
+        self.order, self.cursor = state["order"].clone(), int(state["cursor"])
+
+
+def _plain_config(training_cfg: Any) -> dict:
+    if isinstance(training_cfg, DictConfig):
+        return OmegaConf.to_container(training_cfg, resolve=True)
+    return dict(training_cfg)
+
+
+def validate_training_config(training_cfg: Any) -> dict:
+    """Check the `model.training` block and return it as a plain dict with typed values."""
+    cfg = _plain_config(training_cfg)
+    missing = [k for k in TRAINING_KEYS if k not in cfg]
+    unknown = sorted(set(cfg) - set(TRAINING_KEYS))
+    if missing or unknown:
+        raise MiaGenError(
+            f"model.training is missing {missing} / has unknown keys {unknown}; it takes exactly "
+            f"{list(TRAINING_KEYS)} (see configs/model/dcgan.yaml)."
+        )
+    if cfg["loss"] not in OBJECTIVES:
+        raise MiaGenError(f"model.training.loss={cfg['loss']!r} is unknown; use one of {sorted(OBJECTIVES)}.")
+    for key, minimum in (("steps", 1), ("batch_size", 1), ("n_critic", 1), ("checkpoint_every", 0), ("sample_every", 0)):
+        value = cfg[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise MiaGenError(f"model.training.{key} must be an integer >= {minimum}, got {value!r}.")
+    betas = cfg["betas"]
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+        raise MiaGenError(f"model.training.betas must be a list of two numbers in [0, 1), got {betas!r}.")
+    cfg["betas"] = [float(b) for b in betas]
+    for key in ("lr_g", "lr_d", "gp_weight"):
+        cfg[key] = float(cfg[key])
+        if cfg[key] < 0 or (key != "gp_weight" and cfg[key] == 0):
+            raise MiaGenError(f"model.training.{key} must be positive, got {cfg[key]!r}.")
+    cfg["seed"] = int(cfg["seed"])
+    return cfg
+
+
+def validate_members(members: Any, generator: nn.Module, discriminator: nn.Module) -> torch.Tensor:
+    """Check that members `(N, C, H, W)` in [-1, 1] fit the generator and discriminator; return them as float32."""
+    for attr in ("channels", "resolution"):
+        if getattr(generator, attr) != getattr(discriminator, attr):
+            raise MiaGenError(
+                f"The generator has {attr}={getattr(generator, attr)} but the discriminator has "
+                f"{getattr(discriminator, attr)}; build both from the same data.{attr}."
+            )
+    members = torch.as_tensor(members).float()
+    c, r = generator.channels, generator.resolution
+    if members.dim() != 4 or members.shape[0] == 0:
+        raise MiaGenError(f"members must be a non-empty (N, C, H, W) image tensor, got shape {tuple(members.shape)}.")
+    if members.shape[1] != c:
+        raise MiaGenError(
+            f"members have {members.shape[1]} channel(s) but the model was built for channels={c}; set "
+            f"data.channels={c} (the data loader converts) or build the model with channels={members.shape[1]}."
+        )
+    if tuple(members.shape[2:]) != (r, r):
+        raise MiaGenError(
+            f"members are {members.shape[2]}x{members.shape[3]} px but the model was built for resolution={r}; "
+            f"set data.resolution={r} or build the model with the members' resolution."
+        )
+    if not torch.isfinite(members).all() or members.min() < -1.0 - 1e-5 or members.max() > 1.0 + 1e-5:
+        raise MiaGenError(
+            f"members must be finite and scaled to [-1, 1], got range [{members.min():.3g}, {members.max():.3g}]; "
+            "map uint8 images with x / 127.5 - 1."
+        )
+    return members
+
+
+def _training_hash(cfg: dict) -> str:
+    return config_hash({k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS})
+
+
+def _seeds(seed: int) -> tuple[int, int, int]:
+    """Independent seeds for batch order, training noise and the fixed sample-grid latents."""
+    batch_seed, noise_seed, grid_seed = np.random.SeedSequence(seed).generate_state(3)
+    return int(batch_seed), int(noise_seed), int(grid_seed)
+
+
+def _save_checkpoint(out_dir: Path, step: int, cfg: dict, modules: dict, optimizers: dict, rngs: dict) -> None:
+    state_json = out_dir / STATE_JSON
+    state_json.unlink(missing_ok=True)  # no valid-looking checkpoint until every file below is written
+    for name, module in modules.items():
+        save_module(module, out_dir, name)
+    state = {"step": step, "torch_rng": torch.get_rng_state(), **rngs}
+    state.update({f"optimizer_{name}": opt.state_dict() for name, opt in optimizers.items()})
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    atomic_replace(out_dir / STATE_PT, lambda tmp: torch.save(state, tmp))
+    summary = {"step": step, "complete": step == cfg["steps"], "steps": cfg["steps"], "training_hash": _training_hash(cfg)}
+    atomic_replace(state_json, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+
+
+def _load_weights(out_dir: Path, modules: dict) -> None:
+    for name, module in modules.items():
+        saved = load_module(out_dir, name)
+        if saved.config != module.config:
+            raise MiaGenError(
+                f"{out_dir} holds a {name} built as {saved.config}, but this run builds {module.config}; "
+                "use a fresh output directory (or delete this one) to train the new model."
+            )
+        module.load_state_dict(saved.state_dict())
+
+
+def _save_grid(generator: nn.Module, z: torch.Tensor, path: Path) -> None:
+    generator.eval()
+    with torch.no_grad():
+        images = generator(z).cpu() * 0.5 + 0.5
+    generator.train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_replace(path, lambda tmp: save_image(images, str(tmp), nrow=8, format="png"))
+
+
+def train_gan(
+    generator: nn.Module,
+    discriminator: nn.Module,
+    members: torch.Tensor,
+    training_cfg: Any,
+    out_dir: str | os.PathLike,
+    device: str | torch.device,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> nn.Module:
+    """Train `generator` against `discriminator` on `members`; returns the generator in eval() mode on `device`.
+
+    members: `(N, channels, resolution, resolution)` in [-1, 1].
+    training_cfg: dict / DictConfig with the keys of `TRAINING_KEYS` (see configs/model/dcgan.yaml).
+    out_dir: checkpoint directory. If it holds a checkpoint with step < steps, training continues from
+        it; if it holds a finished run (step == steps), the saved generator is loaded and returned.
+    stop_after: stop (as if interrupted) once this many steps are done, leaving an incomplete checkpoint.
+    """
+    cfg = validate_training_config(training_cfg)
+    members = validate_members(members, generator, discriminator)
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = cfg["steps"] if stop_after is None else min(cfg["steps"], stop_after)
+
+    modules = {"generator": generator, "discriminator": discriminator}
+    batch_seed, noise_seed, grid_seed = _seeds(cfg["seed"])
+    batches = MemberBatches(members.shape[0], cfg["batch_size"], batch_seed)
+    noise_rng = torch.Generator().manual_seed(noise_seed)
+    grid_z = generator.sample_latent(GRID_SIZE, torch.Generator().manual_seed(grid_seed)).to(device)
+
+    start = 0
+    state_json = out_dir / STATE_JSON
+    if state_json.is_file():
+        try:
+            summary = json.loads(state_json.read_text())
+        except json.JSONDecodeError as err:
+            raise CorruptStoreError(f"{state_json} is not valid JSON ({err}); delete {out_dir} and retrain.") from err
+        start = int(summary["step"])
+        if summary.get("training_hash") != _training_hash(cfg):
+            raise MiaGenError(
+                f"{out_dir} holds a run with other training settings (only {list(RESUMABLE_KEYS)} may change "
+                "when resuming); use a fresh output directory or delete this one."
+            )
+        if start > cfg["steps"]:
+            raise MiaGenError(
+                f"{out_dir} holds a run already trained for {start} steps, more than training.steps="
+                f"{cfg['steps']}; set training.steps>={start} or use a fresh output directory."
+            )
+        _load_weights(out_dir, modules)
+        if start >= target:
+            return generator.to(device).eval()
+
+    generator.to(device).train()
+    discriminator.to(device).train()
+    optimizers = {
+        "generator": torch.optim.Adam(generator.parameters(), lr=cfg["lr_g"], betas=tuple(cfg["betas"])),
+        "discriminator": torch.optim.Adam(discriminator.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas"])),
+    }
+    if start:
+        state = torch.load(out_dir / STATE_PT, map_location="cpu", weights_only=True)
+        if int(state["step"]) != start:
+            raise CorruptStoreError(
+                f"{out_dir / STATE_PT} is at step {state['step']} but {STATE_JSON} says {start}; the checkpoint is "
+                "inconsistent. Delete the output directory and retrain."
+            )
+        for name, opt in optimizers.items():
+            opt.load_state_dict(state[f"optimizer_{name}"])
+        batches.load_state_dict(state["batches"])
+        noise_rng.set_state(state["noise_rng"])
+        torch.set_rng_state(state["torch_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    objective = OBJECTIVES[cfg["loss"]]
+    batch_size = cfg["batch_size"]
+    bar = tqdm(total=cfg["steps"], initial=start, disable=not progress, desc=f"train {cfg['loss']}")
+    for step in range(start + 1, target + 1):
+        discriminator.requires_grad_(True)
+        for _ in range(cfg["n_critic"]):
+            real = members[batches.next_indices()].to(device)
+            with torch.no_grad():
+                fake = generator(generator.sample_latent(batch_size, noise_rng).to(device))
+            d_loss = objective.discriminator_loss(discriminator(real), discriminator(fake))
+            if objective.gradient_penalty:
+                d_loss = d_loss + cfg["gp_weight"] * wgan_gp.gradient_penalty(discriminator, real, fake, noise_rng)
+            optimizers["discriminator"].zero_grad(set_to_none=True)
+            d_loss.backward()
+            optimizers["discriminator"].step()
+
+        discriminator.requires_grad_(False)  # the generator step needs gradients w.r.t. G only
+        fake = generator(generator.sample_latent(batch_size, noise_rng).to(device))
+        g_loss = objective.generator_loss(discriminator(fake))
+        optimizers["generator"].zero_grad(set_to_none=True)
+        g_loss.backward()
+        optimizers["generator"].step()
+        discriminator.requires_grad_(True)
+
+        bar.update(1)
+        if progress and (step % 10 == 0 or step == target):
+            bar.set_postfix(d_loss=f"{d_loss.item():.3f}", g_loss=f"{g_loss.item():.3f}")
+        if cfg["sample_every"] and step % cfg["sample_every"] == 0:
+            _save_grid(generator, grid_z, out_dir / "samples" / f"step_{step:06d}.png")
+        if (cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0) or step == target:
+            rngs = {"batches": batches.state_dict(), "noise_rng": noise_rng.get_state()}
+            _save_checkpoint(out_dir, step, cfg, modules, optimizers, rngs)
+    bar.close()
+    return generator.eval()

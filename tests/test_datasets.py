@@ -1,0 +1,341 @@
+"""Dataset loaders against hand-computed / PIL references, on tiny files written by the tests."""
+
+import os
+import re
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from mia_gen.datasets import RecordSet, load_dataset
+from mia_gen.errors import MiaGenError, MissingAssetError
+from mia_gen.hashing import array_fingerprint
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
+
+
+def pil_resize(image_chw: np.ndarray, size: int) -> np.ndarray:
+    """Reference resize: PIL bilinear (antialiased) of a uint8 (C, H, W) image, per channel."""
+    return np.stack(
+        [np.asarray(Image.fromarray(channel).resize((size, size), Image.BILINEAR)) for channel in image_chw]
+    )
+
+
+@pytest.fixture(scope="module")
+def digits() -> RecordSet:
+    return load_dataset({"name": "digits"})
+
+
+# --- digits -------------------------------------------------------------------------------
+
+
+def test_digits_shape_range_and_fingerprint(digits):
+    assert digits.kind == "image" and len(digits) == 1797
+    assert digits.data.dtype == torch.uint8 and digits.record_shape == (1, 16, 16)
+    batch = digits.get(np.arange(len(digits)))
+    assert batch.dtype == torch.float32 and batch.shape == (1797, 1, 16, 16)
+    assert batch.min().item() == -1.0 and batch.max().item() == 1.0
+    torch.testing.assert_close(batch, digits.data.float() / 127.5 - 1.0)
+    assert digits.fingerprint == array_fingerprint(digits.data.numpy(), "image")
+    assert digits.info() == {
+        "name": "digits",
+        "kind": "image",
+        "n_records": 1797,
+        "record_shape": [1, 16, 16],
+        "fingerprint": digits.fingerprint,
+    }
+
+
+def test_digits_native_resolution_is_the_hand_scaled_sklearn_data():
+    from sklearn.datasets import load_digits
+
+    expected = np.rint(load_digits().images * 255.0 / 16.0).astype(np.uint8)
+    records = load_dataset({"name": "digits", "resolution": 8})
+    np.testing.assert_array_equal(records.data[:, 0].numpy(), expected)
+
+
+def test_digits_resize_matches_pil_bilinear(digits):
+    native = load_dataset({"name": "digits", "resolution": 8}).data.numpy()
+    for index in (0, 1, 500, 1796):
+        reference = pil_resize(native[index], 16).astype(int)
+        assert np.abs(digits.data[index].numpy().astype(int) - reference).max() <= 1
+
+
+def test_digits_is_deterministic_and_fingerprint_follows_content(digits):
+    again = load_dataset(OmegaConf.create({"name": "digits", "resolution": 16, "channels": 1}))
+    assert torch.equal(again.data, digits.data) and again.fingerprint == digits.fingerprint
+    changed = digits.data.clone()
+    changed[3, 0, 5, 5] ^= 1
+    assert RecordSet.from_tensor("digits", "image", changed).fingerprint != digits.fingerprint
+    smaller = load_dataset({"name": "digits", "resolution": 8})
+    assert smaller.fingerprint != digits.fingerprint
+
+
+def test_digits_rgb_and_max_records(digits):
+    rgb = load_dataset({"name": "digits", "channels": 3, "max_records": 10})
+    assert rgb.record_shape == (3, 16, 16) and len(rgb) == 10
+    for channel in range(3):
+        assert torch.equal(rgb.data[:, channel], digits.data[:10, 0])
+
+
+def test_get_checks_indices(digits):
+    torch.testing.assert_close(digits.get([5, 5, 2]), digits.data[[5, 5, 2]].float() / 127.5 - 1)
+    with pytest.raises(MiaGenError, match=r"\[1797\].*outside"):
+        digits.get([0, 1797])
+    with pytest.raises(MiaGenError, match="integer indices"):
+        digits.get(np.array([0.0, 1.0]))
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({"name": "mnsit"}, "choose one of"),
+        ({"name": "digits", "resoluton": 8}, "check the spelling"),
+        ({"name": "digits", "subset": "test"}, "no effect for data.name=digits"),
+        ({"name": "digits", "channels": 2}, "1 .grayscale. or 3"),
+        ({"name": "digits", "resolution": 0}, "positive integer"),
+        ({"name": "mnist", "subset": "valid"}, "subset must be one of"),
+    ],
+)
+def test_config_errors_say_what_to_do(cfg, message):
+    with pytest.raises(MiaGenError, match=message):
+        load_dataset(cfg)
+
+
+def test_recordset_rejects_wrong_storage():
+    with pytest.raises(MiaGenError, match="uint8"):
+        RecordSet.from_tensor("x", "image", torch.zeros(2, 1, 4, 4))
+    with pytest.raises(MiaGenError, match="float32"):
+        RecordSet.from_tensor("x", "tabular", torch.zeros(2, 3, dtype=torch.float64))
+
+
+# --- MNIST / Fashion-MNIST in torchvision's raw idx format -----------------------------------
+
+
+def write_idx(folder: Path, prefix: str, images: np.ndarray) -> None:
+    """torchvision's unzipped MNIST files: big-endian header (magic, sizes) then uint8 bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    n, rows, cols = images.shape
+    (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">4i", 2051, n, rows, cols) + images.tobytes())
+    labels = (np.arange(n) % 10).astype(np.uint8)
+    (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">2i", 2049, n) + labels.tobytes())
+
+
+@pytest.fixture(scope="module")
+def mnist_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("mnist")
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+    test = rng.integers(0, 256, size=(3, 28, 28), dtype=np.uint8)
+    for folder in ("MNIST", "FashionMNIST"):
+        write_idx(root / folder / "raw", "train", train)
+        write_idx(root / folder / "raw", "t10k", test)
+    return root, train, test
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist"])
+def test_mnist_loader_reads_idx_files(mnist_root, name):
+    root, train, test = mnist_root
+    base = {"name": name, "root": str(root), "resolution": 28, "channels": 1}
+    np.testing.assert_array_equal(load_dataset(base).data[:, 0].numpy(), train)
+    np.testing.assert_array_equal(load_dataset({**base, "subset": "test"}).data[:, 0].numpy(), test)
+    both = load_dataset({**base, "subset": "all", "max_records": 6}).data[:, 0].numpy()
+    np.testing.assert_array_equal(both, np.concatenate([train, test[:1]]))
+
+
+def test_mnist_resize_and_rgb_match_pil(mnist_root):
+    root, train, _ = mnist_root
+    records = load_dataset({"name": "mnist", "root": str(root), "resolution": 32, "channels": 3})
+    assert records.record_shape == (3, 32, 32)
+    for index in range(len(train)):
+        reference = pil_resize(train[index][None], 32)[0].astype(int)
+        for channel in range(3):
+            assert np.abs(records.data[index, channel].numpy().astype(int) - reference).max() <= 1
+
+
+def test_mnist_missing_files_explain_both_fixes(tmp_path):
+    with pytest.raises(MissingAssetError) as caught:
+        load_dataset({"name": "mnist", "root": str(tmp_path), "resolution": 32})
+    message = str(caught.value)
+    assert "'mnist'" in message and "MNIST/raw/" in message
+    assert "data.root=<dir>" in message and "data.download=true" in message
+    assert isinstance(caught.value, FileNotFoundError)
+
+
+# --- CIFAR-10 in torchvision's python-pickle batches ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cifar_root(tmp_path_factory):
+    """Fake cifar-10-batches-py: 2 images per batch (the pickle is written here, read by torchvision)."""
+    root = tmp_path_factory.mktemp("cifar")
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(1)
+    batches = {}
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        batches[name] = rng.integers(0, 256, size=(2, 3, 32, 32), dtype=np.uint8)
+        entry = {"data": batches[name].reshape(2, 3072), "labels": [0, 1]}
+        with open(folder / name, "wb") as handle:
+            pickle.dump(entry, handle)
+    with open(folder / "batches.meta", "wb") as handle:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, handle)
+    train = np.concatenate([batches[f"data_batch_{i}"] for i in range(1, 6)])
+    return root, train, batches["test_batch"]
+
+
+def test_cifar10_files_with_wrong_md5_are_refused_with_the_fixes(cifar_root):
+    # torchvision verifies the md5 sum of every batch even with download=False, so fake files
+    # fail its integrity check: that is the error a user with corrupted files sees.
+    root, _, _ = cifar_root
+    with pytest.raises(MissingAssetError, match=r"cifar-10-batches-py.*data\.root=<dir>.*data\.download=true"):
+        load_dataset({"name": "cifar10", "root": str(root)})
+
+
+def test_cifar10_missing_files(tmp_path):
+    with pytest.raises(MissingAssetError, match="missing or corrupted and data.download=false"):
+        load_dataset({"name": "cifar10", "root": str(tmp_path / "nowhere")})
+
+
+def test_cifar10_conversion_with_md5_check_bypassed(cifar_root, monkeypatch):
+    import torchvision.datasets.cifar as cifar
+
+    monkeypatch.setattr(cifar, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+    root, train, test = cifar_root
+    records = load_dataset({"name": "cifar10", "root": str(root), "resolution": 32, "channels": 3})
+    np.testing.assert_array_equal(records.data.numpy(), train)
+    records = load_dataset({"name": "cifar10", "root": str(root), "subset": "test", "channels": 1})
+    for index in range(len(test)):
+        reference = np.asarray(Image.fromarray(test[index].transpose(1, 2, 0)).convert("L")).astype(int)
+        assert np.abs(records.data[index, 0].numpy().astype(int) - reference).max() <= 1
+
+
+# --- image folders ------------------------------------------------------------------------------
+
+
+def test_image_folder_order_values_and_resize(tmp_path):
+    rng = np.random.default_rng(2)
+    wide = rng.integers(0, 256, size=(10, 14, 3), dtype=np.uint8)  # H=10, W=14
+    square = rng.integers(0, 256, size=(10, 10, 3), dtype=np.uint8)
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a").mkdir()
+    Image.fromarray(wide).save(tmp_path / "b" / "0.png")
+    Image.fromarray(square).save(tmp_path / "a" / "1.png")
+
+    records = load_dataset({"name": "image_folder", "root": str(tmp_path), "resolution": 10, "channels": 3})
+    assert records.record_shape == (3, 10, 10)
+    np.testing.assert_array_equal(records.data[0].numpy(), square.transpose(2, 0, 1))  # a/ sorts first
+    np.testing.assert_array_equal(records.data[1].numpy(), wide[:, 2:12].transpose(2, 0, 1))  # centre crop
+
+    resized = load_dataset({"name": "image_folder", "root": str(tmp_path), "resolution": 6, "channels": 3})
+    reference = pil_resize(wide[:, 2:12].transpose(2, 0, 1), 6).astype(int)
+    assert np.abs(resized.data[1].numpy().astype(int) - reference).max() <= 1
+
+
+def test_image_folder_mixed_shapes_and_missing_root(tmp_path):
+    (tmp_path / "x").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x" / "gray.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "x" / "rgb.png")
+    with pytest.raises(MiaGenError, match="data.channels=1 or 3"):
+        load_dataset({"name": "image_folder", "root": str(tmp_path)})
+    gray = load_dataset({"name": "image_folder", "root": str(tmp_path), "channels": 1})
+    assert gray.record_shape == (1, 8, 8)
+    with pytest.raises(MissingAssetError, match="not a directory"):
+        load_dataset({"name": "image_folder", "root": str(tmp_path / "absent")})
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(flat / "lonely.png")
+    with pytest.raises(MissingAssetError, match="<root>/<class>/<image>"):
+        load_dataset({"name": "image_folder", "root": str(flat)})
+
+
+# --- arrays and CSV -------------------------------------------------------------------------------
+
+
+def test_npy_tabular(tmp_path):
+    table = np.random.default_rng(3).normal(size=(7, 4))
+    np.save(tmp_path / "t.npy", table)
+    records = load_dataset({"name": "array", "path": str(tmp_path / "t.npy"), "max_records": 5})
+    assert records.kind == "tabular" and records.record_shape == (4,)
+    np.testing.assert_array_equal(records.get(range(5)).numpy(), table[:5].astype(np.float32))
+    table[2, 1] = np.nan
+    np.save(tmp_path / "nan.npy", table)
+    with pytest.raises(MiaGenError, match=r"rows \[2\]"):
+        load_dataset({"name": "array", "path": str(tmp_path / "nan.npy")})
+
+
+def test_npy_images_uint8_and_float_ranges(tmp_path):
+    rng = np.random.default_rng(4)
+    raw = rng.integers(0, 256, size=(3, 1, 5, 5), dtype=np.uint8)
+    np.save(tmp_path / "u8.npy", raw)
+    assert torch.equal(load_dataset({"name": "array", "path": str(tmp_path / "u8.npy")}).data, torch.from_numpy(raw))
+
+    signed = rng.uniform(-1, 1, size=(3, 3, 4, 4)).astype(np.float32)
+    np.save(tmp_path / "f.npy", signed)
+    records = load_dataset({"name": "array", "path": str(tmp_path / "f.npy"), "value_range": [-1, 1]})
+    expected = np.array([[[[round((v + 1) * 127.5) for v in row] for row in c] for c in image] for image in signed])
+    np.testing.assert_array_equal(records.data.numpy(), expected)
+
+    unit = (signed + 1) / 2
+    np.save(tmp_path / "unit.npy", unit)
+    records = load_dataset({"name": "array", "path": str(tmp_path / "unit.npy"), "value_range": [0, 1]})
+    assert np.abs(records.data.numpy().astype(int) - expected).max() <= 1
+
+    np.save(tmp_path / "wide.npy", signed * 3)
+    with pytest.raises(MiaGenError, match=r"in \[-2\.\d+, 2\.\d+\].*rescale"):
+        load_dataset({"name": "array", "path": str(tmp_path / "wide.npy"), "value_range": [-1, 1]})
+    with pytest.raises(MiaGenError, match=r"data.value_range=\[-1,1\]"):
+        load_dataset({"name": "array", "path": str(tmp_path / "f.npy"), "value_range": [0, 1]})
+    with pytest.raises(MiaGenError, match="declare their range"):
+        load_dataset({"name": "array", "path": str(tmp_path / "f.npy")})
+    np.save(tmp_path / "nhwc.npy", signed.transpose(0, 2, 3, 1))
+    with pytest.raises(MiaGenError, match="channels-last"):
+        load_dataset({"name": "array", "path": str(tmp_path / "nhwc.npy")})
+
+
+def test_csv_tabular_against_numpy(tmp_path):
+    table = np.random.default_rng(5).normal(size=(6, 3))
+    path = tmp_path / "t.csv"
+    np.savetxt(path, table, delimiter=",", header="age,income,score", comments="")
+    records = load_dataset({"name": "array", "path": str(path)})
+    np.testing.assert_allclose(records.data.numpy(), np.loadtxt(path, delimiter=",", skiprows=1), rtol=1e-6)
+
+    np.savetxt(tmp_path / "nohead.csv", table, delimiter=",")
+    with pytest.raises(MiaGenError, match="header"):
+        load_dataset({"name": "array", "path": str(tmp_path / "nohead.csv")})
+    (tmp_path / "text.csv").write_text("a,b\n1,x\n")
+    with pytest.raises(MiaGenError, match="line 2, column 'b'"):
+        load_dataset({"name": "array", "path": str(tmp_path / "text.csv")})
+
+
+def test_array_missing_or_unsupported_path(tmp_path):
+    with pytest.raises(MissingAssetError, match="data.path"):
+        load_dataset({"name": "array", "path": str(tmp_path / "absent.npy")})
+    (tmp_path / "x.parquet").write_bytes(b"")
+    with pytest.raises(MiaGenError, match=".npy or .csv"):
+        load_dataset({"name": "array", "path": str(tmp_path / "x.parquet")})
+    with pytest.raises(MiaGenError, match="data.path is required"):
+        load_dataset(OmegaConf.load(CONFIGS / "array.yaml"))
+
+
+# --- the config files -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["mnist", "fashion_mnist", "cifar10", "celeba"])
+def test_torchvision_configs_fail_offline_with_the_layout(name, tmp_path, monkeypatch):
+    monkeypatch.setenv("MIA_GEN_DATA", str(tmp_path))
+    cfg = OmegaConf.load(CONFIGS / f"{name}.yaml")
+    assert cfg.name == name and cfg.download is False
+    with pytest.raises(MissingAssetError, match=re.escape(str(tmp_path))):
+        load_dataset(cfg)
+
+
+def test_digits_and_image_folder_configs():
+    assert load_dataset(OmegaConf.load(CONFIGS / "digits.yaml")).record_shape == (1, 16, 16)
+    with pytest.raises(MiaGenError, match=r"data.root is required .* data.root=<value>"):
+        load_dataset(OmegaConf.load(CONFIGS / "image_folder.yaml"))

@@ -1,0 +1,162 @@
+"""The whole pipeline, composed from the real configs and shrunk so it runs in seconds."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hydra import compose, initialize_config_dir
+
+import mia_gen.pipeline as pipeline_module
+from experiments.common import CONFIG_DIR
+from mia_gen.errors import MiaGenError
+from mia_gen.pipeline import Pipeline
+
+REPO = Path(__file__).resolve().parents[1]
+
+FAST = [
+    "logger=none", "progress=false", "device=cpu",
+    "split.n_members=100", "split.n_non_members=100", "split.n_reference=400",
+    "sampling.n_samples=3000", "sampling.shard_size=1000", "evaluation.n_bootstrap=200",
+]
+MEMORIZER = FAST + ["model=memorizer"]
+TINY_DCGAN = FAST + [
+    "model=dcgan", "model.training.steps=20", "model.generator.base_channels=8",
+    "model.discriminator.base_channels=8", "model.training.checkpoint_every=10",
+    "model.training.sample_every=1000", "sampling.n_samples=1500",
+]
+
+
+def make_config(overrides, cache_dir):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose("config", overrides=[*overrides, f"cache_dir={cache_dir}"])
+
+
+def read_csv(path):
+    with open(path) as handle:
+        return list(csv.DictReader(handle))
+
+
+def test_outputs_follow_the_contract(tmp_path):
+    cfg = make_config(MEMORIZER, tmp_path / "cache")
+    run_dir = tmp_path / "run"
+    Pipeline(cfg, run_dir).run()
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["config_hash"] and results["metadata"]["samples"]["n_samples"] == 3000
+    assert results["metadata"]["data"]["fingerprint"]
+    names = [entry["attack"] for entry in results["attacks"]]
+    assert sorted(names) == ["domias", "monte_carlo", "sample_distance"]
+    for entry in results["attacks"]:
+        assert {"attack", "access", "auc", "asr", "tpr_at_fpr", "ci95", "n_members", "n_non_members",
+                "seconds"} <= set(entry)
+        assert set(entry["tpr_at_fpr"]) == {"0.1", "0.01", "0.001"}
+        assert entry["access"] == "samples" and entry["n_members"] == entry["n_non_members"] == 100
+        assert entry["auc"] >= 0.95  # a memorising generator leaks
+    rows = read_csv(run_dir / "scores.csv")
+    assert len(rows) == 3 * 200 and set(rows[0]) == {"attack", "record_id", "is_member", "score"}
+    members = {int(r["record_id"]) for r in rows if r["is_member"] == "1"}
+    assert len(members) == 100
+    for name in ("roc.png", "score_histograms.png", "nearest_neighbours.png", "report.md"):
+        assert (run_dir / name).stat().st_size > 0, name
+    report = (run_dir / "report.md").read_text()
+    assert "sample_distance" in report and "roc.png" in report
+
+
+def test_same_config_and_seed_give_identical_scores(tmp_path):
+    """Training, sampling and every attack are deterministic on CPU (fresh caches each time)."""
+    outputs = []
+    for attempt in ("a", "b"):
+        cfg = make_config(TINY_DCGAN, tmp_path / f"cache_{attempt}")
+        Pipeline(cfg, tmp_path / f"run_{attempt}").run()
+        outputs.append((tmp_path / f"run_{attempt}" / "scores.csv").read_bytes())
+    assert outputs[0] == outputs[1]
+
+
+def test_a_sweep_over_attack_parameters_never_retrains_or_resamples(tmp_path, monkeypatch):
+    Pipeline(make_config(MEMORIZER, tmp_path / "cache"), tmp_path / "run1").run()
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a cached stage was recomputed")
+
+    monkeypatch.setattr(pipeline_module, "train_model", forbidden)
+    monkeypatch.setattr(pipeline_module, "write_samples", forbidden)
+    cfg = make_config(MEMORIZER + ["attack.monte_carlo.variant=log"], tmp_path / "cache")
+    results = Pipeline(cfg, tmp_path / "run2").run()
+    assert {r["attack"] for r in results} == {"sample_distance", "monte_carlo", "domias"}
+    scores = len(list((tmp_path / "cache" / "scores").glob("*.json")))
+    assert scores == 4  # three first-run attacks + the changed monte_carlo
+
+
+def test_evaluate_alone_needs_cached_scores(tmp_path):
+    cfg = make_config(MEMORIZER, tmp_path / "cache")
+    with pytest.raises(MiaGenError, match="mia-gen-attack"):
+        Pipeline(cfg, tmp_path / "run").evaluate(require_cached=True)
+    Pipeline(cfg, tmp_path / "run").run("attack")
+    results = Pipeline(cfg, tmp_path / "run").evaluate(require_cached=True)
+    assert len(results) == 3
+
+
+def test_bad_input_is_reported_with_the_fix(tmp_path):
+    too_many = make_config(MEMORIZER + ["split.n_members=5000"], tmp_path / "cache")
+    with pytest.raises(MiaGenError, match="n_members"):
+        Pipeline(too_many, tmp_path / "run").run()
+    missing = make_config(MEMORIZER + [f"model.checkpoint={tmp_path / 'nowhere'}"], tmp_path / "cache")
+    with pytest.raises(MiaGenError, match="mia-gen-train"):
+        Pipeline(missing, tmp_path / "run").run()
+
+
+def test_channel_mismatch_between_data_and_model_is_explained(tmp_path):
+    cfg = make_config(TINY_DCGAN + ["model.generator.channels=3", "model.discriminator.channels=3"],
+                      tmp_path / "cache")
+    with pytest.raises(MiaGenError, match="channels"):
+        Pipeline(cfg, tmp_path / "run").run("train")
+
+
+def run_cli(args, tmp_path, script="mia-gen"):
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
+    return subprocess.run([str(Path(sys.executable).parent / script), *args,
+                           f"cache_dir={tmp_path / 'cache'}"],
+                          cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_cli_runs_a_stage_and_then_the_rest_with_wandb_offline(tmp_path):
+    overrides = [*MEMORIZER, "logger=wandb", f"hydra.run.dir={tmp_path / 'run'}"]
+    sampled = run_cli([*overrides, "logger=none"], tmp_path, script="mia-gen-sample")
+    assert sampled.returncode == 0, sampled.stderr
+    assert not (tmp_path / "run" / "results.json").exists()
+    done = run_cli(overrides, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "sample_distance" in done.stdout  # the results table
+    assert (tmp_path / "run" / "results.json").is_file()
+    assert list((tmp_path / "run").glob("wandb/offline-run-*"))
+
+
+def test_cli_multirun_writes_one_run_per_job(tmp_path):
+    result = run_cli(["-m", *MEMORIZER, "attack=sample_distance", "attack.sample_distance.k=1,3",
+                      f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = sorted((tmp_path / "sweep").glob("*/results.json"))
+    assert len(jobs) == 2
+    configs = [json.loads(j.read_text())["attacks"][0]["config"]["k"] for j in jobs]
+    assert sorted(configs) == [1, 3]
+
+
+def test_cli_error_exits_nonzero_with_the_fix(tmp_path):
+    result = run_cli([*MEMORIZER, "split.n_members=5000", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert result.returncode == 2
+    assert "n_members" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_queries_reach_attacks_in_record_id_order(tmp_path):
+    """Attacks see members and non-members mixed in dataset order, never grouped by label."""
+    cfg = make_config(MEMORIZER, tmp_path / "cache")
+    pipe = Pipeline(cfg, tmp_path / "run")
+    ids = pipe.query_ids
+    assert np.all(np.diff(ids) > 0)  # record-id order: nothing in the order hints at membership
