@@ -45,6 +45,8 @@ _KEYS = {
 }
 _ALL_KEYS = {"name"}.union(*_KEYS.values())
 
+_TORCHVISION_CLASSES = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST", "cifar10": "CIFAR10"}
+
 # Where torchvision expects each dataset's files under `data.root` (for the error message).
 _LAYOUTS = {
     "mnist": "<root>/MNIST/raw/{train,t10k}-images-idx3-ubyte and {train,t10k}-labels-idx1-ubyte",
@@ -215,9 +217,13 @@ def _read_config(cfg: Any) -> dict[str, Any]:
         if value == "???":
             raise MiaGenError(f"data.{key} is required for data.name={name}: set data.{key}=<value>.")
 
-    defaults = {"resolution": 16, "channels": 1} if name == "digits" else {"resolution": None, "channels": None}
-    defaults.update(root="data", path=None, subset="train", download=False, value_range=None, max_records=None)
-    options = {**defaults, **{k: v for k, v in options.items() if v is not None}}
+    defaults = {"resolution": None, "channels": None, "root": "data", "path": None, "subset": "train",
+                "download": False, "value_range": None, "max_records": None}
+    if name == "digits":
+        defaults.update(resolution=16, channels=1)
+    # An explicit null resolution / channels means "native"; other nulls fall back to the defaults.
+    given = {k: v for k, v in options.items() if v is not None or k in ("resolution", "channels")}
+    options = {**defaults, **given}
 
     for key in ("resolution", "max_records"):
         value = options[key]
@@ -249,24 +255,14 @@ def _load_torchvision(name: str, options: dict[str, Any]) -> torch.Tensor:
     subset, download, limit = options["subset"], options["download"], options["max_records"]
     try:
         if name == "celeba":
-            celeba = datasets.CelebA(root, split=subset, target_type=[], download=download)
-            count = len(celeba) if limit is None else min(limit, len(celeba))
-            return _stack(
-                [_prepare(_center_crop(_pil_to_uint8(celeba[i][0]), CELEBA_CROP), options) for i in range(count)],
-                root,
-            )
-        cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST, "cifar10": datasets.CIFAR10}[name]
-        parts = []
-        for train in {"train": (True,), "test": (False,), "all": (True, False)}[subset]:
-            data = cls(root, train=train, download=download).data
-            if name == "cifar10":  # numpy (N, 32, 32, 3)
-                parts.append(torch.from_numpy(np.ascontiguousarray(data.transpose(0, 3, 1, 2))))
-            else:  # uint8 tensor (N, 28, 28)
-                parts.append(data[:, None])
-        return torch.cat(parts)
-    except RuntimeError as error:
-        how = (
-            "the download failed" if download else "the files are missing or corrupted and data.download=false"
+            sources = [datasets.CelebA(root, split=subset, target_type=[], download=download)]
+        else:
+            cls = getattr(datasets, _TORCHVISION_CLASSES[name])
+            trains = {"train": (True,), "test": (False,), "all": (True, False)}[subset]
+            sources = [cls(root, train=train, download=download) for train in trains]
+    except RuntimeError as error:  # torchvision's "Dataset not found or corrupted"
+        how = "the download failed" if download else (
+            "the files are missing or corrupted and data.download=false"
         )
         raise MissingAssetError(
             f"Dataset '{name}' could not be loaded from data.root={root!r}: {how} (torchvision: {error}). "
@@ -274,6 +270,15 @@ def _load_torchvision(name: str, options: dict[str, Any]) -> torch.Tensor:
             f"these files (or export MIA_GEN_DATA=<dir>), or set data.download=true on a machine that "
             "is online."
         ) from error
+    if name == "celeba":
+        celeba = sources[0]
+        count = len(celeba) if limit is None else min(limit, len(celeba))
+        # A generator, so that only one full-size face is held at a time (CelebA is 200k images).
+        faces = (_center_crop(_pil_to_uint8(celeba[i][0]), CELEBA_CROP) for i in range(count))
+        return _stack([_prepare(face, options) for face in faces], root)
+    if name == "cifar10":  # numpy (N, 32, 32, 3)
+        return torch.cat([torch.from_numpy(source.data.transpose(0, 3, 1, 2).copy()) for source in sources])
+    return torch.cat([source.data[:, None] for source in sources])  # uint8 tensors (N, 28, 28)
 
 
 def _load_image_folder(options: dict[str, Any]) -> torch.Tensor:
@@ -314,7 +319,9 @@ def _load_array(options: dict[str, Any]) -> RecordSet:
         raise MiaGenError("data.path is required for data.name=array: set data.path=<file.npy|file.csv>.")
     path = os.path.expanduser(str(path))
     if not os.path.isfile(path):
-        raise MissingAssetError(f"Array file data.path={path!r} does not exist; set data.path=<file.npy|file.csv>.")
+        raise MissingAssetError(
+            f"Array file data.path={path!r} does not exist; set data.path=<file.npy|file.csv>."
+        )
     extension = os.path.splitext(path)[1].lower()
     if extension == ".csv":
         array = _read_csv(path)
@@ -327,7 +334,9 @@ def _load_array(options: dict[str, Any]) -> RecordSet:
                 "np.save(path, array.astype(np.float32)) (object arrays are refused: no pickles)."
             ) from error
     else:
-        raise MiaGenError(f"data.path={path!r}: unsupported file type '{extension}'; use a .npy or .csv file.")
+        raise MiaGenError(
+            f"data.path={path!r}: unsupported file type '{extension}'; use a .npy or .csv file."
+        )
     if options["max_records"] is not None:
         array = array[: options["max_records"]]
 
@@ -397,7 +406,9 @@ def _check_numeric(array: np.ndarray, path: str) -> np.ndarray:
 def _array_to_uint8(array: np.ndarray, value_range: Any, path: str) -> torch.Tensor:
     """(N, C, H, W) image array -> uint8: uint8 as is, integers in 0..255, floats per `value_range`."""
     if array.shape[1] not in (1, 3):
-        hint = " It looks channels-last: np.transpose(array, (0, 3, 1, 2))." if array.shape[-1] in (1, 3) else ""
+        hint = ""
+        if array.shape[-1] in (1, 3):
+            hint = " It looks channels-last: np.transpose(array, (0, 3, 1, 2))."
         raise MiaGenError(
             f"{path!r} has image shape {array.shape}; images must be (N, C, H, W) with C in {{1, 3}}.{hint}"
         )
@@ -407,7 +418,9 @@ def _array_to_uint8(array: np.ndarray, value_range: Any, path: str) -> torch.Ten
     low, high = (float(array.min()), float(array.max())) if array.size else (0.0, 0.0)
     if np.issubdtype(array.dtype, np.integer):
         if low < 0 or high > 255:
-            raise MiaGenError(f"{path!r} holds integers in [{low:g}, {high:g}]; integer images must lie in 0..255.")
+            raise MiaGenError(
+                f"{path!r} holds integers in [{low:g}, {high:g}]; integer images must lie in 0..255."
+            )
         return torch.from_numpy(np.ascontiguousarray(array.astype(np.uint8)))
     declared = None if value_range is None else [float(v) for v in value_range]
     if declared not in ([-1.0, 1.0], [0.0, 1.0]):
@@ -415,10 +428,11 @@ def _array_to_uint8(array: np.ndarray, value_range: Any, path: str) -> torch.Ten
             f"{path!r} holds float images in [{low:g}, {high:g}]; declare their range with "
             f"data.value_range=[-1,1] or data.value_range=[0,1] (got {value_range!r})."
         )
-    if not np.isfinite(array).all() or low < declared[0] - _RANGE_TOLERANCE or high > declared[1] + _RANGE_TOLERANCE:
-        fix = "data.value_range=[-1,1]" if low >= -1 - _RANGE_TOLERANCE and high <= 1 + _RANGE_TOLERANCE else (
-            "rescale the array to [-1, 1] or [0, 1] first"
-        )
+    if not np.isfinite(array).all():
+        raise MiaGenError(f"{path!r} has NaN or infinite pixel values; clean the images before loading.")
+    if low < declared[0] - _RANGE_TOLERANCE or high > declared[1] + _RANGE_TOLERANCE:
+        fits_signed = low >= -1 - _RANGE_TOLERANCE and high <= 1 + _RANGE_TOLERANCE
+        fix = "data.value_range=[-1,1]" if fits_signed else "rescale the array to [-1, 1] or [0, 1] first"
         raise MiaGenError(
             f"{path!r} holds float images in [{low:g}, {high:g}], outside the declared data.value_range="
             f"{declared}; {fix}."
@@ -437,7 +451,7 @@ def _pil_to_uint8(image: Any, path: str = "") -> torch.Tensor:
     """A PIL image as uint8 `(C, H, W)`: 1 channel for grayscale modes, else 3 (alpha dropped)."""
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         raise MiaGenError(
-            f"Image {path or ''} has {image.mode} pixels (16-bit or float); convert it to 8-bit (L or RGB) first."
+            f"Image {path!r} has {image.mode} pixels (16-bit or float); convert it to 8-bit (L or RGB) first."
         )
     image = image.convert("L" if image.mode in ("1", "L", "LA") else "RGB")
     array = np.asarray(image, dtype=np.uint8)
@@ -497,6 +511,8 @@ def _resize_images(images: torch.Tensor, channels: int | None, resolution: int |
     chunks = []
     for start in range(0, images.shape[0], 1024):
         chunk = images[start : start + 1024].to(torch.float64)
-        resized = F.interpolate(chunk, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True)
+        resized = F.interpolate(
+            chunk, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True
+        )
         chunks.append(resized.round().clamp(0, 255).to(torch.uint8))
     return torch.cat(chunks)

@@ -87,8 +87,10 @@ def write_outputs(pipeline, scored: dict[str, dict]) -> list[dict]:
         neighbour_ids = np.asarray(entry["neighbour_indices"])[rows]
         neighbours = pipeline.samples.get(neighbour_ids.reshape(-1))
         neighbours = neighbours.reshape(*neighbour_ids.shape, *neighbours.shape[1:])
-        plot_nearest_neighbours(pipeline.records.get(ids), neighbours, run_dir / "nearest_neighbours.png",
-                                query_labels=labels[rows], distances=-scores[rows])
+        queries = pipeline.records.get(ids)
+        l2 = (neighbours - queries[:, None]).flatten(2).norm(dim=2)  # (Q, k), shown under each sample
+        plot_nearest_neighbours(queries, neighbours, run_dir / "nearest_neighbours.png",
+                                query_labels=labels[rows], distances=l2.numpy())
         images[f"Most exposed records and their nearest samples ({name})"] = "nearest_neighbours.png"
     write_report(run_dir, results, metadata, images)
 
@@ -107,7 +109,8 @@ def _track(pipeline, results: list[dict], curves: dict, images: dict[str, str]) 
         for result in results:
             name = result["attack"]
             summary[name] = {"auc": result["auc"], "asr": result["asr"],
-                             "tpr_at_fpr": result["tpr_at_fpr"], "seconds": result["seconds"]}
+                             "tpr_at_fpr": result["tpr_at_fpr"], "ci95": result["ci95"],
+                             "seconds": result["seconds"]}
             fpr, tpr, _ = roc_points(*curves[name])
             tracker.log_roc(name, fpr, tpr)
         tracker.log_summary(summary)

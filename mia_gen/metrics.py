@@ -22,6 +22,7 @@ __all__ = [
     "auc",
     "bootstrap_ci",
     "evaluate_scores",
+    "fpr_is_resolvable",
     "roc_points",
     "tpr_at_fpr",
 ]
@@ -215,7 +216,8 @@ def _bootstrap_curve_values(
     for member_idx, non_member_idx in _resampled_indices(n_members, n_non_members, n_bootstrap, seed, chunk):
         rows = np.arange(member_idx.shape[0])[:, None] * n_distinct
         curves = []
-        for idx, groups, n in ((member_idx, member_group, n_members), (non_member_idx, non_member_group, n_non_members)):
+        classes = ((member_idx, member_group, n_members), (non_member_idx, non_member_group, n_non_members))
+        for idx, groups, n in classes:
             counts = np.bincount((rows + groups[idx]).ravel(), minlength=rows.size * n_distinct)
             cumulative = np.cumsum(counts.reshape(-1, n_distinct), axis=1) / n
             curves.append(np.concatenate([np.zeros((cumulative.shape[0], 1)), cumulative], axis=1))
@@ -265,22 +267,28 @@ def bootstrap_ci(
     labels, scores = _validate(labels, scores)
     _check_bootstrap_args(n_bootstrap, level)
     if isinstance(metric, str):
-        values = _bootstrap_curve_values(labels, scores, {metric: _curve_metric(metric)}, n_bootstrap, seed)[metric]
-        return _percentile_interval(values, level)
+        values = _bootstrap_curve_values(labels, scores, {metric: _curve_metric(metric)}, n_bootstrap, seed)
+        return _percentile_interval(values[metric], level)
     member_scores, non_member_scores = scores[labels == 1], scores[labels == 0]
-    resampled_labels = np.concatenate([np.ones(member_scores.size, np.int64), np.zeros(non_member_scores.size, np.int64)])
+    n_members, n_non_members = member_scores.size, non_member_scores.size
+    resampled_labels = np.r_[np.ones(n_members, np.int64), np.zeros(n_non_members, np.int64)]
     # Same draws as the vectorised path (same chunking), so both give the same interval.
     chunk = _chunk_size(scores.size, np.unique(scores).size, n_bootstrap)
     values = [
         float(metric(resampled_labels, np.concatenate([member_scores[m], non_member_scores[n]])))
-        for member_idx, non_member_idx in _resampled_indices(member_scores.size, non_member_scores.size, n_bootstrap, seed, chunk)
+        for member_idx, non_member_idx in _resampled_indices(n_members, n_non_members, n_bootstrap, seed, chunk)
         for m, n in zip(member_idx, non_member_idx)
     ]
     return _percentile_interval(np.asarray(values), level)
 
 
+def fpr_is_resolvable(alpha: float, n_non_members: int) -> bool:
+    """Whether n_non_members (>= 1/alpha) can show an FPR as small as alpha other than 0."""
+    return n_non_members * alpha >= 1.0 - 1e-9  # tolerance: 1000 * 0.001 may round below 1
+
+
 def _unresolvable_warning(alpha: float, n_non_members: int) -> str | None:
-    if n_non_members * alpha >= 1.0 - 1e-9:
+    if fpr_is_resolvable(alpha, n_non_members):
         return None
     return (
         f"TPR@FPR<={alpha}: only {n_non_members} non-members (fewer than 1/alpha = "

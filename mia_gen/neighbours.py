@@ -141,11 +141,11 @@ def pairwise_sq_distances_chunks(
     _check_chunk_size(chunk_size)
     device = resolve_device(str(device))
     q = _query_features(queries, feature_fn, chunk_size, device)
-    q_norm = (q * q).sum(1)
+    q_norm = _sq_norms(q)
     for start, raw in _database_chunks(database, chunk_size):
         x = _features(raw, feature_fn, device)
         _check_dims(q, x, start)
-        yield start, _sq_distance_block(q, q_norm, x, (x * x).sum(1))
+        yield start, _sq_distance_block(q, q_norm, x, _sq_norms(x))
 
 
 def _check_chunk_size(chunk_size: int) -> None:
@@ -153,12 +153,17 @@ def _check_chunk_size(chunk_size: int) -> None:
         raise MiaGenError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
 
 
-def _chunk_topk_torch(q: torch.Tensor, q_norm: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
-    x_norm = (x * x).sum(1)
+def _chunk_topk_torch(q: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
+    """Local indices `(Q, k)` of each query's k nearest rows of x (ranking only).
+
+    Ranks by ||x||^2 - 2 q.x: dropping ||q||^2 (constant per query) and the clamp saves two
+    passes over the distance block; the exact distances are recomputed afterwards anyway.
+    """
+    x_norm = _sq_norms(x)
     step = _query_block(len(x), len(q))
     out = []
     for s in range(0, len(q), step):
-        d = _sq_distance_block(q[s : s + step], q_norm[s : s + step], x, x_norm)
+        d = torch.addmm(x_norm.unsqueeze(0), q[s : s + step], x.T, beta=1.0, alpha=-2.0)
         values, local = torch.topk(d, k, dim=1, largest=False, sorted=False)
         # topk picks an arbitrary row among equal distances (duplicate samples); rows whose k-th
         # distance is shared beyond the top k are re-picked by a stable sort: smaller index wins.
@@ -167,6 +172,11 @@ def _chunk_topk_torch(q: torch.Tensor, q_norm: torch.Tensor, x: torch.Tensor, k:
             local[row] = torch.sort(d[row], stable=True).indices[:k]
         out.append(local)
     return torch.cat(out)
+
+
+def _sq_norms(x: torch.Tensor) -> torch.Tensor:
+    """Row sums of squares `(n,)` without materialising x * x (a copy the size of the chunk)."""
+    return torch.linalg.vector_norm(x, dim=1).square_()
 
 
 def _chunk_topk_faiss(q_np: np.ndarray, x: torch.Tensor, k: int) -> torch.Tensor:
@@ -225,7 +235,6 @@ def nearest_neighbours(
     device = resolve_device(str(device))
     backend = _resolve_backend(backend, device)
     q = _query_features(queries, feature_fn, chunk_size, device)
-    q_norm = (q * q).sum(1)
     q_np = np.ascontiguousarray(q.numpy()) if backend == "faiss" else None
 
     n_queries = len(q)
@@ -239,7 +248,7 @@ def nearest_neighbours(
         if backend == "faiss":
             local = _chunk_topk_faiss(q_np, x, k_chunk)
         else:
-            local = _chunk_topk_torch(q, q_norm, x, k_chunk)
+            local = _chunk_topk_torch(q, x, k_chunk)
         d = _exact_sq_distances(q, x, local)
         best_d, best_i = _merge_topk(best_d, best_i, d, local + start, k)
         n_seen = start + len(x)

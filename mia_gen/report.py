@@ -15,7 +15,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from mia_gen.errors import MiaGenError
-from mia_gen.metrics import auc, roc_points, tpr_at_fpr
+from mia_gen.metrics import auc, fpr_is_resolvable, roc_points, tpr_at_fpr
 
 __all__ = [
     "format_results_table",
@@ -27,7 +27,7 @@ __all__ = [
 
 Curves = Mapping[str, tuple[Sequence, Sequence]]
 
-# The FPR of the ROC legend and of the table's middle column (DESIGN.md reports 10%, 1%, 0.1%).
+# The FPR bound of the TPR quoted in the ROC legend.
 _LEGEND_ALPHA = 0.01
 
 
@@ -40,7 +40,7 @@ def _as_numpy(array) -> np.ndarray:
 
 def _check_curves(curves: Curves) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     if not curves:
-        raise MiaGenError("No attack scores to plot: pass {attack_name: (labels, scores)} with at least one attack.")
+        raise MiaGenError("No attack scores to plot: pass {attack_name: (labels, scores)}, one attack at least.")
     return {name: (_as_numpy(labels), _as_numpy(scores)) for name, (labels, scores) in curves.items()}
 
 
@@ -84,12 +84,13 @@ def _roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
             f"{name} (AUC {auc(labels, scores):.3f}, "
             f"TPR@{_LEGEND_ALPHA:.0%}FPR {tpr_at_fpr(labels, scores, _LEGEND_ALPHA):.3f})"
         )
-        ax.step(np.maximum(fpr, fpr_floor), np.maximum(tpr, tpr_floor), where="post", label=label)
+        # Straight segments between ROC points: a staircase, with diagonals only across ties.
+        ax.plot(np.maximum(fpr, fpr_floor), np.maximum(tpr, tpr_floor), label=label)
     chance = np.array([min(fpr_floor, tpr_floor), 1.0])
     ax.plot(chance, chance, linestyle="--", color="grey", linewidth=1, label="chance")
     fpr_resolution = 1.0 / max(min(n_non_members), 1)
     if fpr_resolution > fpr_floor:
-        # Left of 1/n_non_members the curve only repeats its value at FPR 0.
+        # Below 1/n_non_members the evaluation has no ROC point other than FPR = 0.
         ax.axvspan(fpr_floor, fpr_resolution, color="grey", alpha=0.12, label="FPR < 1/n_non_members")
     ax.set_xscale("log")
     ax.set_yscale("log")
@@ -120,15 +121,14 @@ def _histogram_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figur
     n_cols = min(3, len(curves))
     n_rows = math.ceil(len(curves) / n_cols)
     figure = Figure(figsize=(4.2 * n_cols, 3.2 * n_rows))
-    axes = np.atleast_1d(figure.subplots(n_rows, n_cols, squeeze=False)).ravel()
+    axes = figure.subplots(n_rows, n_cols, squeeze=False).ravel()
     for ax, (name, (labels, scores)) in zip(axes, curves.items()):
         scores = scores.astype(np.float64)
         # Shared bins so the two classes are comparable; density since class sizes may differ.
         bins = np.histogram_bin_edges(scores, bins=min(50, max(10, scores.size // 10)))
-        ax.hist(scores[labels == 1], bins=bins, density=True, alpha=0.55, label=f"members (n={int((labels == 1).sum())})")
-        ax.hist(
-            scores[labels == 0], bins=bins, density=True, alpha=0.55, label=f"non-members (n={int((labels == 0).sum())})"
-        )
+        for value, group in ((1, "members"), (0, "non-members")):
+            selected = scores[labels == value]
+            ax.hist(selected, bins=bins, density=True, alpha=0.55, label=f"{group} (n={selected.size})")
         ax.set_title(name)
         ax.set_xlabel("score (higher = more likely member)")
         ax.set_ylabel("density")
@@ -186,9 +186,11 @@ def _neighbours_figure(queries, neighbours, query_labels, distances) -> Figure:
             "compare records and samples at the same resolution and channel count."
         )
     n_queries, k = neighbours.shape[:2]
-    for name, value, shape in (("query_labels", query_labels, (n_queries,)), ("distances", distances, (n_queries, k))):
+    expected_shapes = (("query_labels", query_labels, (n_queries,)), ("distances", distances, (n_queries, k)))
+    for name, value, shape in expected_shapes:
         if value is not None and _as_numpy(value).shape != shape:
-            raise MiaGenError(f"{name} must have shape {shape} (one per query / neighbour); got {_as_numpy(value).shape}.")
+            got = _as_numpy(value).shape
+            raise MiaGenError(f"{name} must have shape {shape} (one per query / neighbour); got {got}.")
     queries = _to_display(queries, "queries")
     neighbours = _to_display(neighbours, "neighbours")
     labels = None if query_labels is None else _as_numpy(query_labels)
@@ -254,7 +256,7 @@ def format_results_table(results: Sequence[Mapping]) -> str:
             if value is None:
                 tprs.append("-")
                 continue
-            mark = "*" if r["n_non_members"] * alpha < 1.0 - 1e-9 else ""
+            mark = "" if fpr_is_resolvable(alpha, r["n_non_members"]) else "*"
             unresolvable |= bool(mark)
             tprs.append(f"{value:.3f}{mark}")
         seconds = r.get("seconds")
@@ -269,15 +271,31 @@ def format_results_table(results: Sequence[Mapping]) -> str:
         padded = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)]
         return "| " + " | ".join(padded) + " |"
 
-    rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2)) for w, num in zip(widths, numeric)) + "|"
+    # Markdown alignment row: numbers right-aligned ("---:").
+    rule = "|" + "|".join("-" * (w + 1) + ":" if num else "-" * (w + 2) for w, num in zip(widths, numeric)) + "|"
     table = "\n".join([line(header), rule, *(line(row) for row in rows)])
     if unresolvable:
         table += "\n\n(*) fewer than 1/alpha non-members: the TPR is at FPR 0, not resolvable at that alpha."
     return table
 
 
-# run_info keys shown first in the header, with their labels; any other keys follow.
-_RUN_INFO_LABELS = {"config_hash": "config hash", "model": "model", "dataset": "dataset", "n_samples": "generated samples"}
+# run_info keys shown first in the header, with their labels; any other keys follow. Flat
+# keys ("dataset", "n_samples") and the pipeline's nested metadata ("data", "samples") both work.
+_RUN_INFO_LABELS = {
+    "config_hash": "config hash",
+    "model": "model",
+    "dataset": "dataset",
+    "data": "dataset",
+    "n_samples": "generated samples",
+    "samples": "generated samples",
+}
+
+
+def _inline(value) -> str:
+    """A run_info value on one line: mappings as `key=value, ...`."""
+    if isinstance(value, Mapping):
+        return ", ".join(f"{key}={_inline(item)}" for key, item in value.items())
+    return str(value)
 
 
 def write_report(out_dir, results: Sequence[Mapping], run_info: Mapping, images: Mapping[str, str]) -> Path:
@@ -287,10 +305,11 @@ def write_report(out_dir, results: Sequence[Mapping], run_info: Mapping, images:
         out_dir: the run's output directory; `report.md` is written there and images are
             linked relative to it.
         results: entries as for `format_results_table`; their `"warnings"` are listed.
-        run_info: facts about the run, e.g. `{"config_hash", "model", "dataset",
-            "n_samples"}` (shown first, in that order), plus any other keys.
-        images: `{title: path}` of figures that already exist (e.g. the paths `plot_roc`
-            returns); relative paths are relative to the working directory, as usual.
+        run_info: facts about the run: `config_hash`, `model`, `dataset` (or `data`),
+            `n_samples` (or `samples`) are shown first, then any other keys; mapping values
+            are written inline as `key=value, ...`.
+        images: `{title: path}` of figures that already exist (drawn by `plot_roc` etc.);
+            a relative path is taken relative to `out_dir` (e.g. `"roc.png"`).
 
     Returns:
         The path of `report.md`.
@@ -299,8 +318,9 @@ def write_report(out_dir, results: Sequence[Mapping], run_info: Mapping, images:
     out_dir.mkdir(parents=True, exist_ok=True)
     lines = ["# mia-gen membership inference report", ""]
     ordered = [k for k in _RUN_INFO_LABELS if k in run_info] + [k for k in run_info if k not in _RUN_INFO_LABELS]
-    lines += [f"- **{_RUN_INFO_LABELS.get(key, key)}**: {run_info[key]}" for key in ordered]
-    lines += ["", "## Results", "", "Higher score = more likely member; TPR at FPR <= alpha is the largest TPR at that FPR.", ""]
+    lines += [f"- **{_RUN_INFO_LABELS.get(key, key)}**: {_inline(run_info[key])}" for key in ordered]
+    lines += ["", "## Results", ""]
+    lines += ["Higher score = more likely member; TPR@alpha FPR = the largest TPR with FPR <= alpha.", ""]
     lines += [format_results_table(results), ""]
     warnings = [f"- **{r['attack']}**: {w}" for r in results for w in r.get("warnings", [])]
     if warnings:
@@ -308,7 +328,7 @@ def write_report(out_dir, results: Sequence[Mapping], run_info: Mapping, images:
     if images:
         lines += ["## Figures", ""]
     for title, image in images.items():
-        image = Path(image)
+        image = out_dir / image  # an absolute image path replaces out_dir
         if not image.is_file():
             raise MiaGenError(
                 f"Figure '{title}' is missing at {image}; draw it first (plot_roc, "

@@ -109,7 +109,6 @@ class SampleStore:
         self._manifest = manifest
         self._shards: list[dict[str, Any]] = sorted(manifest["shards"], key=lambda s: s["index"])
         self._starts = np.array([s["start"] for s in self._shards], dtype=np.int64)
-        self._mmaps: dict[tuple[int, str], np.ndarray] = {}
 
     # ------------------------------------------------------------------ opening
     @classmethod
@@ -185,18 +184,19 @@ class SampleStore:
 
     # ------------------------------------------------------------------ reading
     def _array(self, shard_pos: int, kind: str) -> np.ndarray:
-        key = (shard_pos, kind)
-        if key not in self._mmaps:
-            shard = self._shards[shard_pos]
-            entry = shard[kind]
-            array = np.load(self.path / entry["file"], mmap_mode="r", allow_pickle=False)
-            if array.shape[0] != shard["count"]:
-                raise CorruptStoreError(
-                    f"Sample store {self.path}: shard {shard['index']} holds {array.shape[0]} rows, "
-                    f"the manifest says {shard['count']}. {_RESUME_HINT}"
-                )
-            self._mmaps[key] = array
-        return self._mmaps[key]
+        """A fresh read-only memmap of one shard file.
+
+        Not cached on purpose: mapped pages count as resident memory until unmapped, so a
+        long-lived map of every shard would make a full pass grow RSS with the store's size.
+        """
+        shard = self._shards[shard_pos]
+        array = np.load(self.path / shard[kind]["file"], mmap_mode="r", allow_pickle=False)
+        if array.shape[0] != shard["count"]:
+            raise CorruptStoreError(
+                f"Sample store {self.path}: shard {shard['index']} holds {array.shape[0]} rows, "
+                f"the manifest says {shard['count']}. {_RESUME_HINT}"
+            )
+        return array
 
     def _require_latents(self) -> None:
         if self.latent_dim is None:
@@ -250,6 +250,7 @@ class SampleStore:
         shard_of = np.searchsorted(self._starts, idx, side="right") - 1
         first = self._array(0, kind)
         out = np.empty((idx.size, *first.shape[1:]), dtype=first.dtype)
+        del first
         for pos in np.unique(shard_of):
             mask = shard_of == pos
             out[mask] = self._array(int(pos), kind)[idx[mask] - self._starts[pos]]

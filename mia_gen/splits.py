@@ -246,7 +246,9 @@ def import_secmi_split(
             members = archive["mia_train_idxs"]
             non_members = archive["mia_eval_idxs"]
     except (ValueError, OSError, zipfile.BadZipFile) as error:
-        raise MiaGenError(f"Cannot read {path!r} as a numeric .npz archive ({error}); re-create it.") from error
+        raise MiaGenError(
+            f"Cannot read {path!r} as a numeric .npz archive ({error}); re-create it."
+        ) from error
     members = _as_indices(members, "mia_train_idxs")
     non_members = _as_indices(non_members, "mia_eval_idxs")
     if reference == "rest":
@@ -301,7 +303,9 @@ def load_or_make_split(split_cfg: Any, records: RecordSet) -> Split:
         return import_secmi_split(os.path.expanduser(str(secmi_npz)), records, reference="rest", seed=seed)
     missing = [key for key in ("n_members", "n_non_members") if split_cfg.get(key) is None]
     if missing:
-        raise MiaGenError(f"The split config lacks {missing}; set split.n_members=<int> split.n_non_members=<int>.")
+        raise MiaGenError(
+            f"The split config lacks {missing}; set split.n_members=<int> split.n_non_members=<int>."
+        )
     return make_split(
         records,
         n_members=split_cfg["n_members"],

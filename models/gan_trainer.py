@@ -114,15 +114,20 @@ def validate_training_config(training_cfg: Any) -> dict:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise MiaGenError(f"model.training.{key} must be an integer >= {minimum}, got {value!r}.")
     betas = cfg["betas"]
-    if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(0.0 <= float(b) < 1.0 for b in betas):
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
         raise MiaGenError(f"model.training.betas must be a list of two numbers in [0, 1), got {betas!r}.")
     cfg["betas"] = [float(b) for b in betas]
     for key in ("lr_g", "lr_d", "gp_weight"):
+        if not _is_number(cfg[key]) or cfg[key] < 0 or (key != "gp_weight" and cfg[key] == 0):
+            raise MiaGenError(f"model.training.{key} must be a positive number, got {cfg[key]!r}.")
         cfg[key] = float(cfg[key])
-        if cfg[key] < 0 or (key != "gp_weight" and cfg[key] == 0):
-            raise MiaGenError(f"model.training.{key} must be positive, got {cfg[key]!r}.")
-    cfg["seed"] = int(cfg["seed"])
+    if isinstance(cfg["seed"], bool) or not isinstance(cfg["seed"], int):
+        raise MiaGenError(f"model.training.seed must be an integer, got {cfg['seed']!r} (it follows the top-level seed).")
     return cfg
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def validate_members(members: Any, generator: nn.Module, discriminator: nn.Module) -> torch.Tensor:
@@ -218,6 +223,8 @@ def train_gan(
     stop_after: stop (as if interrupted) once this many steps are done, leaving an incomplete checkpoint.
     """
     cfg = validate_training_config(training_cfg)
+    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
+        raise MiaGenError(f"stop_after must be a positive number of steps or None, got {stop_after!r}.")
     members = validate_members(members, generator, discriminator)
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
     out_dir = Path(out_dir)

@@ -55,8 +55,9 @@ def test_digits_native_resolution_is_the_hand_scaled_sklearn_data():
     from sklearn.datasets import load_digits
 
     expected = np.rint(load_digits().images * 255.0 / 16.0).astype(np.uint8)
-    records = load_dataset({"name": "digits", "resolution": 8})
-    np.testing.assert_array_equal(records.data[:, 0].numpy(), expected)
+    for resolution in (8, None):  # null keeps the native size
+        records = load_dataset({"name": "digits", "resolution": resolution})
+        np.testing.assert_array_equal(records.data[:, 0].numpy(), expected)
 
 
 def test_digits_resize_matches_pil_bilinear(digits):
@@ -213,6 +214,35 @@ def test_cifar10_conversion_with_md5_check_bypassed(cifar_root, monkeypatch):
     for index in range(len(test)):
         reference = np.asarray(Image.fromarray(test[index].transpose(1, 2, 0)).convert("L")).astype(int)
         assert np.abs(records.data[index, 0].numpy().astype(int) - reference).max() <= 1
+
+
+# --- CelebA (aligned faces + the .txt lists torchvision reads) --------------------------------------
+
+
+def test_celeba_centre_crop_then_resize(tmp_path, monkeypatch):
+    import torchvision.datasets.celeba as celeba
+
+    monkeypatch.setattr(celeba, "check_integrity", lambda fpath, md5=None: os.path.isfile(fpath))
+    folder = tmp_path / "celeba"
+    (folder / "img_align_celeba").mkdir(parents=True)
+    rng = np.random.default_rng(6)
+    faces, names = [], [f"00000{i}.jpg" for i in range(1, 4)]
+    for name in names:  # PNG bytes under CelebA's .jpg names: lossless, PIL reads by content
+        faces.append(rng.integers(0, 256, size=(218, 178, 3), dtype=np.uint8))
+        Image.fromarray(faces[-1]).save(folder / "img_align_celeba" / name, format="PNG")
+    rows = "\n".join(f"{name} {value}" for name, value in zip(names, (0, 2, 0)))
+    (folder / "list_eval_partition.txt").write_text(rows + "\n")
+    (folder / "identity_CelebA.txt").write_text("\n".join(f"{name} 1" for name in names) + "\n")
+    for file, header in [("list_attr_celeba.txt", "Smiling"), ("list_bbox_celeba.txt", "x_1"),
+                         ("list_landmarks_align_celeba.txt", "lefteye_x")]:
+        (folder / file).write_text(f"3\n{header}\n" + "\n".join(f"{name} 1" for name in names) + "\n")
+
+    records = load_dataset({"name": "celeba", "root": str(tmp_path), "resolution": 64, "channels": 3})
+    assert records.record_shape == (3, 64, 64) and len(records) == 2  # the train partition: 1st and 3rd
+    for stored, face in zip(records.data.numpy(), (faces[0], faces[2])):
+        crop = face[39:179, 19:159]  # 140 px around the centre of 218 x 178
+        reference = np.asarray(Image.fromarray(crop).resize((64, 64), Image.BILINEAR)).transpose(2, 0, 1)
+        assert np.abs(stored.astype(int) - reference.astype(int)).max() <= 1
 
 
 # --- image folders ------------------------------------------------------------------------------

@@ -119,24 +119,16 @@ def test_gradient_penalty_of_linear_critic_is_hand_computed():
 
 
 def test_gradient_penalty_matches_finite_differences():
-    """The autograd gradient norm of a real critic at x_hat, against a plain finite-difference loop."""
+    """The autograd gradient norm of a real critic at x_hat, against central finite differences."""
     torch.manual_seed(0)
     critic = WGANGPCritic(resolution=16, channels=1, base_channels=2).double()
     real, fake = torch.rand(2, 1, 16, 16).double() * 2 - 1, torch.rand(2, 1, 16, 16).double() * 2 - 1
     gp = wgan_gp.gradient_penalty(critic, real, fake, torch.Generator().manual_seed(5))
     eps = torch.rand(2, 1, 1, 1, generator=torch.Generator().manual_seed(5)).double()
     x_hat = eps * real + (1 - eps) * fake
-    norms = []
-    with torch.no_grad():
-        for i in range(2):
-            grad = torch.zeros(256, dtype=torch.float64)
-            for j in range(256):
-                step = torch.zeros(256, dtype=torch.float64)
-                step[j] = 1e-6
-                up = critic((x_hat[i].flatten() + step).view(1, 1, 16, 16))
-                down = critic((x_hat[i].flatten() - step).view(1, 1, 16, 16))
-                grad[j] = (up - down).item() / 2e-6
-            norms.append(grad.norm())
+    basis = torch.eye(256, dtype=torch.float64).view(256, 1, 16, 16) * 1e-6  # one pixel nudged per row
+    with torch.no_grad():  # central differences; the critic has no batch statistics, so rows are independent
+        norms = [((critic(x + basis) - critic(x - basis)) / 2e-6).norm() for x in x_hat]
     torch.testing.assert_close(gp, ((torch.stack(norms) - 1) ** 2).mean(), rtol=1e-5, atol=1e-7)
 
 

@@ -48,7 +48,8 @@ def test_roc_is_log_log_with_chance_line_and_metrics_in_legend(tmp_path):
     assert any(line.get_label() == "chance" and line.get_xdata()[-1] == 1.0 for line in ax.get_lines())
     legend = [text.get_text() for text in ax.get_legend().get_texts()]
     for name, (labels, scores) in curves.items():
-        expected = f"{name} (AUC {roc_auc_score(labels, scores):.3f}, TPR@1%FPR {_loop_tpr_at_1pct(labels, scores):.3f})"
+        auc, tpr = roc_auc_score(labels, scores), _loop_tpr_at_1pct(labels, scores)
+        expected = f"{name} (AUC {auc:.3f}, TPR@1%FPR {tpr:.3f})"
         assert expected in legend
     path = plot_roc(curves, tmp_path / "sub" / "roc.png")
     assert path == tmp_path / "sub" / "roc.png" and _is_png(path)
@@ -145,13 +146,20 @@ def test_write_report(tmp_path):
     results = _results()
     out_dir = tmp_path / "run"
     roc = plot_roc(_curves(), out_dir / "figures" / "roc.png")
-    run_info = {"config_hash": "0123abcd", "model": "ddpm-16px", "dataset": "digits", "n_samples": 20000}
-    path = write_report(out_dir, results, run_info, {"ROC (log-log)": str(roc)})
+    run_info = {"seed": 0, "config_hash": "0123abcd", "model": {"name": "ddpm-16px"}, "data": {"name": "digits"},
+                "samples": {"n_samples": 20000}}
+    hist = plot_score_histograms(_curves(), out_dir / "hist.png")
+    images = {"ROC (log-log)": str(roc), "Histograms": hist.name}  # absolute, relative to out_dir
+    path = write_report(out_dir, results, run_info, images)
     text = path.read_text()
     assert path == out_dir / "report.md"
-    for expected in ("0123abcd", "ddpm-16px", "digits", "20000", format_results_table(results)):
-        assert expected in text
+    header = [line for line in text.splitlines() if line.startswith("- **")][:5]
+    assert header == [
+        "- **config hash**: 0123abcd", "- **model**: name=ddpm-16px", "- **dataset**: name=digits",
+        "- **generated samples**: n_samples=20000", "- **seed**: 0",
+    ]  # fmt: skip
+    assert format_results_table(results) in text
     assert text.count("- **pia**: TPR@FPR<=") == 2 and text.count("- **secmi**: TPR@FPR<=") == 2
-    assert "![ROC (log-log)](figures/roc.png)" in text
+    assert "![ROC (log-log)](figures/roc.png)" in text and "![Histograms](hist.png)" in text
     with pytest.raises(MiaGenError, match="missing.*plot_roc"):
-        write_report(out_dir, results, run_info, {"ROC": str(out_dir / "nope.png")})
+        write_report(out_dir, results, run_info, {"ROC": "nope.png"})
