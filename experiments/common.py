@@ -15,6 +15,7 @@ from mia_gen.errors import MiaGenError
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
 
 log = logging.getLogger("mia_gen")
+logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
 
 
 def run_stage(cfg: DictConfig, stage: str):

@@ -196,23 +196,23 @@ def _neighbours_figure(queries, neighbours, query_labels, distances) -> Figure:
     labels = None if query_labels is None else _as_numpy(query_labels)
     distances = None if distances is None else _as_numpy(distances).astype(np.float64)
 
-    figure = Figure(figsize=(1.4 * (k + 1), 1.5 * n_queries + 0.4))
-    axes = figure.subplots(n_queries, k + 1, squeeze=False)
+    # One column per query: the query on top, its neighbours below, so the picture stays wide
+    # and short whatever k is.
+    figure = Figure(figsize=(1.25 * n_queries + 0.6, 1.35 * (k + 1) + 0.6), layout="constrained")
+    axes = figure.subplots(k + 1, n_queries, squeeze=False)
     cmap = "gray" if queries.shape[-1] == 1 else None
     for q in range(n_queries):
-        row = [queries[q]] + [neighbours[q, j] for j in range(k)]
-        for j, (ax, image) in enumerate(zip(axes[q], row)):
+        column = [queries[q]] + [neighbours[q, j] for j in range(k)]
+        for j, (ax, image) in enumerate(zip(axes[:, q], column)):
             ax.imshow(image.squeeze(-1) if cmap else image, cmap=cmap, vmin=0.0, vmax=1.0)
             ax.set_xticks([])
             ax.set_yticks([])
             if j == 0:
                 title = "query" if labels is None else ("member" if int(labels[q]) == 1 else "non-member")
-                if distances is not None:
-                    title += f"\nd(1-NN)={distances[q, 0]:.3g}"
             else:
                 title = f"#{j}" if distances is None else f"#{j} d={distances[q, j - 1]:.3g}"
             ax.set_title(title, fontsize=7)
-    figure.suptitle("queries (left) and their nearest generated samples", fontsize=9)
+    figure.suptitle("queries (top row) and their nearest generated samples (below)", fontsize=9)
     return figure
 
 

@@ -81,11 +81,12 @@ def test_nearest_neighbours_grid(tmp_path, channels):
     neighbours = rng.uniform(-1, 1, (2, 3, channels, 8, 8)).astype(np.float32)
     distances = np.array([[0.5, 0.6, 0.7], [1.5, 1.6, 1.7]])
     figure = _neighbours_figure(torch.from_numpy(queries), neighbours, [1, 0], distances)
-    axes = np.array(figure.axes).reshape(2, 4)
-    assert axes[0, 0].get_title() == "member\nd(1-NN)=0.5"
-    assert axes[1, 0].get_title() == "non-member\nd(1-NN)=1.5"
-    assert axes[1, 3].get_title() == "#3 d=1.7"
-    shown = axes[1, 2].images[0].get_array()
+    axes = np.array(figure.axes).reshape(4, 2)  # one column per query: query, then neighbours
+    assert axes[0, 0].get_title() == "member"
+    assert axes[0, 1].get_title() == "non-member"
+    assert axes[1, 0].get_title() == "#1 d=0.5"
+    assert axes[3, 1].get_title() == "#3 d=1.7"
+    shown = axes[2, 1].images[0].get_array()
     expected = (np.moveaxis(neighbours[1, 1], 0, -1) + 1) / 2
     np.testing.assert_allclose(shown, expected.squeeze(-1) if channels == 1 else expected, atol=1e-6)
     assert _is_png(plot_nearest_neighbours(queries, neighbours, tmp_path / "nn.png"))

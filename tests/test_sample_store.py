@@ -198,3 +198,14 @@ def test_bad_input_errors_say_what_to_do(tmp_path):
 
     with pytest.raises(MiaGenError, match="non-finite"):
         write_samples(tmp_path / "e", diverged, 4, storage_dtype="float32", progress=False)
+
+
+def test_rerun_on_complete_store_draws_nothing(tmp_path, reference):
+    path = tmp_path / "done"
+    write_samples(path, image_sample_fn, **WRITE)
+
+    def must_not_sample(n, generator):
+        raise AssertionError("a complete, intact store was resampled")
+
+    store = write_samples(path, must_not_sample, **WRITE)
+    assert len(store) == 25 and store_files(path) == reference
