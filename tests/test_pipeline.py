@@ -119,10 +119,10 @@ def test_channel_mismatch_between_data_and_model_is_explained(tmp_path):
         Pipeline(cfg, tmp_path / "run").run("train")
 
 
-def run_cli(args, tmp_path, script="mia-gen"):
+def run_cli(args, tmp_path, script="mia-gen", cache="cache"):
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true"}
     return subprocess.run([str(Path(sys.executable).parent / script), *args,
-                           f"cache_dir={tmp_path / 'cache'}"],
+                           f"cache_dir={tmp_path / cache}"],
                           cwd=tmp_path, capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -160,3 +160,39 @@ def test_queries_reach_attacks_in_record_id_order(tmp_path):
     pipe = Pipeline(cfg, tmp_path / "run")
     ids = pipe.query_ids
     assert np.all(np.diff(ids) > 0)  # record-id order: nothing in the order hints at membership
+
+
+def test_sampling_killed_mid_run_resumes_to_the_uninterrupted_store(tmp_path):
+    """SIGKILL the real CLI while it writes shards; the rerun must finish byte-identical."""
+    import signal
+    import time
+
+    overrides = [*MEMORIZER, "sampling.n_samples=120000", "sampling.shard_size=4000",
+                 f"hydra.run.dir={tmp_path / 'run'}"]
+    script = str(Path(sys.executable).parent / "mia-gen-sample")
+    env = {**os.environ, "WANDB_MODE": "disabled"}
+    process = subprocess.Popen([script, *overrides, f"cache_dir={tmp_path / 'killed'}"], cwd=tmp_path,
+                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    manifests = []
+    while time.time() < deadline and process.poll() is None:
+        manifests = list((tmp_path / "killed" / "samples").glob("*/manifest.json"))
+        if manifests and len(json.loads(manifests[0].read_text())["shards"]) >= 2:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert manifests, "sampling never started"
+    partial = json.loads(manifests[0].read_text())
+    assert not partial["complete"], "sampling finished before it could be killed; raise n_samples"
+
+    resumed = run_cli(overrides, tmp_path, script="mia-gen-sample", cache="killed")
+    assert resumed.returncode == 0, resumed.stderr
+    fresh = run_cli(overrides, tmp_path, script="mia-gen-sample", cache="fresh")
+    assert fresh.returncode == 0, fresh.stderr
+    killed_dir = manifests[0].parent
+    fresh_dir = tmp_path / "fresh" / "samples" / killed_dir.name
+    shard_files = sorted(p.name for p in fresh_dir.glob("shard_*.npy"))
+    assert shard_files == sorted(p.name for p in killed_dir.glob("shard_*.npy")) and shard_files
+    for name in shard_files:
+        assert (killed_dir / name).read_bytes() == (fresh_dir / name).read_bytes(), name
