@@ -28,20 +28,24 @@ def num_scale_stages(resolution: int) -> int:
     return {16: 2, 32: 3, 64: 4}[resolution]
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_positive_int(value: Any, name: str, owner: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    if not _is_int(value) or value < 1:
         raise MiaGenError(f"{owner}: {name} must be a positive integer, got {value!r}; fix it in the model config.")
     return value
 
 
 def check_architecture(owner: str, resolution: Any, channels: Any, base_channels: Any) -> None:
     """Raise `MiaGenError` unless the architecture is one this package builds."""
-    if resolution not in SUPPORTED_RESOLUTIONS or isinstance(resolution, bool):
+    if not _is_int(resolution) or resolution not in SUPPORTED_RESOLUTIONS:
         raise MiaGenError(
             f"{owner}: resolution={resolution!r} is not supported; allowed values are "
             f"{list(SUPPORTED_RESOLUTIONS)}. Set data.resolution (which the model config follows) to one of them."
         )
-    if channels not in SUPPORTED_CHANNELS or isinstance(channels, bool):
+    if not _is_int(channels) or channels not in SUPPORTED_CHANNELS:
         raise MiaGenError(
             f"{owner}: channels={channels!r} is not supported; allowed values are {list(SUPPORTED_CHANNELS)} "
             "(grayscale or RGB). Set data.channels to one of them."

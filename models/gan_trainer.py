@@ -266,6 +266,11 @@ def train_gan(
         "discriminator": torch.optim.Adam(discriminator.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas"])),
     }
     if start:
+        if not (out_dir / STATE_PT).is_file():
+            raise CorruptStoreError(
+                f"{out_dir / STATE_PT} is missing although {STATE_JSON} says step {start}; the checkpoint is "
+                "incomplete. Delete the output directory and retrain."
+            )
         state = torch.load(out_dir / STATE_PT, map_location="cpu", weights_only=True)
         if int(state["step"]) != start:
             raise CorruptStoreError(
@@ -284,7 +289,6 @@ def train_gan(
     batch_size = cfg["batch_size"]
     bar = tqdm(total=cfg["steps"], initial=start, disable=not progress, desc=f"train {cfg['loss']}")
     for step in range(start + 1, target + 1):
-        discriminator.requires_grad_(True)
         for _ in range(cfg["n_critic"]):
             real = members[batches.next_indices()].to(device)
             with torch.no_grad():
@@ -313,4 +317,5 @@ def train_gan(
             rngs = {"batches": batches.state_dict(), "noise_rng": noise_rng.get_state()}
             _save_checkpoint(out_dir, step, cfg, modules, optimizers, rngs)
     bar.close()
+    discriminator.eval()
     return generator.eval()

@@ -136,6 +136,8 @@ def test_gradient_penalty_matches_finite_differences():
 def test_bad_resolution_and_channels_name_allowed_values(cls):
     with pytest.raises(MiaGenError, match=r"allowed values are \[16, 32, 64\].*data.resolution"):
         cls(resolution=28)
+    with pytest.raises(MiaGenError, match=r"allowed values are \[16, 32, 64\]"):
+        cls(resolution=16.0)
     with pytest.raises(MiaGenError, match=r"allowed values are \[1, 3\].*data.channels"):
         cls(channels=4)
     with pytest.raises(MiaGenError, match="base_channels must be a positive integer"):
