@@ -23,7 +23,7 @@ from mia_gen.datasets import load_dataset
 from mia_gen.device import resolve_device
 from mia_gen.errors import CorruptStoreError, MiaGenError
 from mia_gen.hashing import config_hash
-from mia_gen.sample_store import SampleStore, write_samples
+from mia_gen.sample_store import SampleStore, import_samples, write_samples
 from mia_gen.splits import load_or_make_split
 from models.factory import load_discriminator, load_generator, train_model
 
@@ -63,6 +63,32 @@ class Pipeline:
         """Members and non-members in record-id order: nothing in the order hints at membership."""
         return np.sort(np.concatenate([self.split.members, self.split.non_members]))
 
+    @property
+    def synthetic_path(self) -> Path | None:
+        """The synthetic dataset under audit, when the run audits data instead of a model."""
+        path = (self.cfg.get("synthetic") or {}).get("path")
+        return Path(path).expanduser().resolve() if path else None
+
+    @cached_property
+    def synthetic_records(self):
+        if self.synthetic_path.is_dir():
+            spec = {"name": "image_folder", "root": str(self.synthetic_path)}
+        else:
+            spec = {"name": "array", "path": str(self.synthetic_path),
+                    "value_range": list(self.cfg.synthetic.value_range)}
+        if self.records.kind == "image":  # bring the synthetic images to the records' size
+            channels, resolution = self.records.record_shape[0], self.records.record_shape[-1]
+            spec.update(resolution=resolution, channels=channels)
+        return load_dataset(spec)
+
+    def require_model(self, what: str) -> None:
+        if self.synthetic_path is not None:
+            raise MiaGenError(
+                f"{what} needs a model, but this run audits the synthetic dataset {self.synthetic_path} "
+                "(synthetic.path is set): only sample-based attacks apply. Remove synthetic.path to "
+                "attack a model, or select sample-based attacks only (sample_distance, monte_carlo, domias)."
+            )
+
     # ---- keys ---------------------------------------------------------------------------
     @cached_property
     def split_key(self) -> str:
@@ -83,7 +109,18 @@ class Pipeline:
         store = self.cfg.sampling.get("store")
         if store:
             return config_hash({"store": str(Path(store).resolve())})
+        if self.synthetic_path is not None:
+            return config_hash({"synthetic": self.synthetic_records.fingerprint,
+                                "shard_size": self.cfg.sampling.shard_size,
+                                "storage_dtype": self.storage_dtype})
         return config_hash({"train": self.train_key, "sampling": self.cfg.sampling})
+
+    @property
+    def storage_dtype(self) -> str:
+        storage_dtype = self.cfg.sampling.storage_dtype
+        if storage_dtype == "auto":
+            return "uint8" if self.records.kind == "image" else "float32"
+        return storage_dtype
 
     def attack_key(self, name: str, attack: Attack) -> str:
         upstream = self.sample_key if attack.access is Access.SAMPLES else self.train_key
@@ -104,6 +141,7 @@ class Pipeline:
         return self.cache_dir / "models" / f"{self.cfg.model.name}-{self.train_key}"
 
     def train(self) -> Path:
+        self.require_model("training")
         if self.cfg.model.get("checkpoint"):
             log.info("train: using the trained model at %s", self.model_dir)
             return self.model_dir
@@ -123,7 +161,8 @@ class Pipeline:
         store = self.cfg.sampling.get("store")
         if store:
             return Path(store).expanduser().resolve()
-        return self.cache_dir / "samples" / f"{self.cfg.model.name}-{self.sample_key}"
+        source = "synthetic" if self.synthetic_path is not None else self.cfg.model.name
+        return self.cache_dir / "samples" / f"{source}-{self.sample_key}"
 
     def sample(self) -> SampleStore:
         if self.cfg.sampling.get("store"):
@@ -136,6 +175,15 @@ class Pipeline:
             if self.sample_dir.exists():
                 log.info("sample: resuming (%s)", reason)
         sampling = self.cfg.sampling
+        if self.synthetic_path is not None:
+            log.info("sample: importing the synthetic dataset %s -> %s", self.synthetic_path, self.sample_dir)
+            return import_samples(
+                self.sample_dir, self.synthetic_records.get(np.arange(len(self.synthetic_records))),
+                shard_size=int(sampling.shard_size), storage_dtype=self.storage_dtype,
+                metadata={"sample_key": self.sample_key, "synthetic": str(self.synthetic_path),
+                          "fingerprint": self.synthetic_records.fingerprint},
+                progress=self.progress,
+            )
         generator = self.generator
         batch_size = int(sampling.batch_size)
 
@@ -146,13 +194,10 @@ class Pipeline:
                            for i in range(0, n, batch_size)])
             return x, z
 
-        storage_dtype = sampling.storage_dtype
-        if storage_dtype == "auto":
-            storage_dtype = "uint8" if self.records.kind == "image" else "float32"
         log.info("sample: %d samples -> %s", sampling.n_samples, self.sample_dir)
         return write_samples(
             self.sample_dir, sample_fn, int(sampling.n_samples), shard_size=int(sampling.shard_size),
-            seed=int(self.cfg.seed), storage_dtype=storage_dtype,
+            seed=int(self.cfg.seed), storage_dtype=self.storage_dtype,
             metadata={"sample_key": self.sample_key, "train_key": self.train_key,
                       "model": self.cfg.model.name, "sampling": OmegaConf.to_container(sampling)},
             progress=self.progress,
@@ -177,6 +222,7 @@ class Pipeline:
             samples=self.samples, device=self.device, seed=int(self.cfg.seed),
         )
         if attack.access in (Access.QUERY, Access.WHITE_BOX):
+            self.require_model(f"attack '{attack.name}' ({attack.access.value} access)")
             context.generator = self.generator
         if attack.access is Access.WHITE_BOX and self.cfg.model.family == "gan":
             context.discriminator = load_discriminator(self.cfg.model, self.model_dir, self.device)
@@ -224,9 +270,11 @@ class Pipeline:
         meta = {
             "config_hash": self.config_hash, "train_key": self.train_key,
             "sample_key": self.sample_key, "split_key": self.split_key,
-            "data": self.records.info(), "model": {"name": self.cfg.model.name,
-                                                   "family": self.cfg.model.family,
-                                                   "dir": str(self.model_dir)},
+            "data": self.records.info(),
+            "model": {"synthetic": str(self.synthetic_path),
+                      "fingerprint": self.synthetic_records.fingerprint}
+            if self.synthetic_path is not None
+            else {"name": self.cfg.model.name, "family": self.cfg.model.family, "dir": str(self.model_dir)},
             "split": {"n_members": len(self.split.members), "n_non_members": len(self.split.non_members),
                       "n_reference": len(self.split.reference), "seed": self.split.seed},
             "seed": int(self.cfg.seed), "device": str(self.device),

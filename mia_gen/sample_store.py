@@ -471,3 +471,31 @@ def write_samples(
         manifest["complete"] = True
         _write_manifest(path, manifest)
     return SampleStore.open(path)
+
+
+def import_samples(
+    path: str | os.PathLike,
+    samples: torch.Tensor,
+    *,
+    shard_size: int = 10_000,
+    storage_dtype: str = "uint8",
+    metadata: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> SampleStore:
+    """Write records generated elsewhere (a synthetic dataset) as a store, so every sample-based
+    attack can audit them exactly like a model's samples.
+
+    samples (`torch.Tensor` of shape `(N, ...)`): images in [-1, 1] or tabular rows; no latents.
+    Goes through `write_samples`, so it is atomic and resumable too: each shard's generator seed
+    identifies which rows the shard holds, whatever shards an interrupted import left behind.
+    """
+    seed = 0
+    n_shards = _n_shards(len(samples), int(shard_size))
+    shard_of_seed = {shard_seed(seed, index): index for index in range(n_shards)}
+
+    def rows_of_shard(n: int, generator: torch.Generator):
+        start = shard_of_seed[generator.initial_seed()] * int(shard_size)
+        return samples[start : start + n].float(), None
+
+    return write_samples(path, rows_of_shard, len(samples), shard_size=shard_size, seed=seed,
+                         storage_dtype=storage_dtype, metadata=metadata, progress=progress)
