@@ -48,6 +48,8 @@ class Pipeline:
         self.device = resolve_device(cfg.device)
         self.progress = bool(cfg.get("progress", True))
         torch.manual_seed(int(cfg.seed))
+        if cfg.get("threads"):
+            torch.set_num_threads(int(cfg.threads))
 
     # ---- data ---------------------------------------------------------------------------
     @cached_property

@@ -7,7 +7,6 @@ training records; the leakage upper bound used in tests and sanity checks).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
@@ -75,13 +74,13 @@ def load_discriminator(model_cfg: DictConfig, model_dir: Path, device: torch.dev
 
 
 def _save_memorizer(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path) -> None:
+    from models.checkpoint import atomic_replace
     from models.memorizer import NoisyCopyGenerator
 
     generator = NoisyCopyGenerator(members, **OmegaConf.to_container(model_cfg.generator, resolve=True))
-    tmp = out_dir / "generator.safetensors.tmp"
-    save_file({"records": generator.records.contiguous()}, str(tmp))
-    os.replace(tmp, out_dir / "generator.safetensors")
-    (out_dir / "generator.json").write_text(json.dumps(generator.config, indent=2))
+    weights = {"records": generator.records.contiguous()}
+    atomic_replace(out_dir / "generator.safetensors", lambda tmp: save_file(weights, str(tmp)))
+    atomic_replace(out_dir / "generator.json", lambda tmp: tmp.write_text(json.dumps(generator.config)))
 
 
 def _load_memorizer(model_dir: Path) -> torch.nn.Module:

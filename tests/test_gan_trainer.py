@@ -18,6 +18,7 @@ from models.dcgan import DCGANDiscriminator, DCGANGenerator
 from models.gan_trainer import MemberBatches, train_gan
 from models.wgan_gp import WGANGPCritic, WGANGPGenerator
 
+
 @pytest.fixture(autouse=True, scope="module")
 def single_thread():
     """Tiny models train faster on one thread than with threads competing for a few shared cores."""
@@ -78,6 +79,22 @@ def test_resume_after_interruption_is_bit_identical(tmp_path, loss):
         for key, values in ref_state[name]["state"].items():
             for field, tensor in values.items():
                 assert torch.equal(tensor, state[name]["state"][key][field])
+
+
+def test_crash_between_checkpoints_resumes_from_the_last_one(tmp_path, monkeypatch):
+    g_ref, _ = straight_run(tmp_path / "straight")
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gan_trainer, "_save_grid", crash)  # first grid at step 3, after the step-2 checkpoint
+    out = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        straight_run(out)
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 2
+    monkeypatch.undo()
+    g, _ = straight_run(out)
+    assert_same_weights(g, g_ref)
 
 
 def test_extending_a_finished_run_equals_the_longer_run(tmp_path):
