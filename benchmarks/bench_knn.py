@@ -1,11 +1,17 @@
 """Benchmark (a): exact 1-NN search, mia-gen `nearest_neighbours` vs sklearn brute force vs one matmul.
 
-Full size: 2,000 queries vs 100,000 samples of 3,072 dims (float32, random normal data).
+Full size: 2,000 queries vs 100,000 samples of 3,072 dims (float32), on two kinds of data:
+- "normal": i.i.d. standard normal entries (no structure: no exact pruning can help);
+- "dcgan": 3x32x32 images from `models.dcgan.DCGANGenerator(latent_dim=32, resolution=32,
+  channels=3, base_channels=16)` with random (seeded, DCGAN-initialised) weights, in train mode
+  (BatchNorm on batch statistics, batches of 1,000 latents; in eval mode the untrained network
+  outputs ~0), samples and queries from different N(0, 1) latents. Values in about [-0.7, 0.7].
 Targets: >= 3x faster than sklearn `NearestNeighbors(algorithm="brute")` fit + kneighbors, and
-within 1.5x of one bare torch matmul of the same shape (Q x D @ D x N).
+within 1.5x of one bare torch matmul of the same shape (Q x D @ D x N), measured in the same run.
 
-    python benchmarks/bench_knn.py            # full size, 3 repeats, median
+    python benchmarks/bench_knn.py            # full size, both data kinds, 3 repeats, median
     python benchmarks/bench_knn.py --quick    # 200 x 20,000, for a smoke test
+    python benchmarks/bench_knn.py --data dcgan
 
 Also holds the small timing helpers the other benchmark scripts import.
 """
@@ -92,28 +98,31 @@ def write_result(name: str, result: dict, out: str | None) -> Path:
     return path
 
 
-def main() -> None:
+def benchmark_data(kind: str, n_queries: int, n_samples: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(queries `(n_queries, 3072)`, samples `(n_samples, 3072)`) float32, seeded; see the docstring."""
+    if kind == "normal":
+        gen = torch.Generator().manual_seed(0)
+        return torch.randn(n_queries, 3072, generator=gen), torch.randn(n_samples, 3072, generator=gen)
+    from models.dcgan import DCGANGenerator
+
+    torch.manual_seed(0)
+    generator = DCGANGenerator(latent_dim=32, resolution=32, channels=3, base_channels=16).train()
+    with torch.no_grad():
+        rows = [generator(torch.randn(1000, 32)).reshape(1000, -1) for _ in range(-(-(n_queries + n_samples) // 1000))]
+    rows = torch.cat(rows)
+    return rows[:n_queries].contiguous(), rows[n_queries : n_queries + n_samples].contiguous()
+
+
+def run_one(kind: str, n_queries: int, n_samples: int, device: torch.device, repeats: int) -> dict:
     from sklearn.neighbors import NearestNeighbors
 
     from mia_gen.neighbours import nearest_neighbours
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="200 queries x 20,000 samples")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto (our search and the matmul)")
-    parser.add_argument("--out", default=None, help="JSON result path (default benchmarks/results/)")
-    args = parser.parse_args()
-
-    n_queries, n_samples, dim = (200, 20_000, 3072) if args.quick else (2000, 100_000, 3072)
-    gen = torch.Generator().manual_seed(0)
-    queries = torch.randn(n_queries, dim, generator=gen)
-    database = torch.randn(n_samples, dim, generator=gen)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
-    if device.type == "cpu" and args.device == "auto":
-        device = torch.device("cpu")
+    queries, database = benchmark_data(kind, n_queries, n_samples)
+    dim = queries.shape[1]
     q_dev, db_dev = queries.to(device), database.to(device)
     q_np, db_np = queries.numpy(), database.numpy()
-    print(f"1-NN: {n_queries} queries x {n_samples} samples x {dim} dims, device={device}")
+    print(f"1-NN on {kind} data: {n_queries} queries x {n_samples} samples x {dim} dims, device={device}")
 
     backends = ("faiss", "torch") if device.type == "cpu" else ("torch",)
     candidates = {
@@ -131,24 +140,16 @@ def main() -> None:
         return index.kneighbors(q_np)
 
     candidates.update(torch_matmul=matmul, sklearn_brute=sklearn_brute)
-    timed = time_interleaved(candidates, args.repeats)
+    timed = time_interleaved(candidates, repeats)
     _, sk_idx = timed["sklearn_brute"]["last_result"]
     agreement = {
         f"mia_gen_{b}": float((timed[f"mia_gen_{b}"]["last_result"][1][:, 0].numpy() == sk_idx[:, 0]).mean())
         for b in backends
     }
     medians = {name: entry["median_s"] for name, entry in timed.items()}
-    # "auto" is faiss on CPU and torch on CUDA; report what auto gives as the headline.
-    auto = "mia_gen_faiss" if device.type == "cpu" else "mia_gen_torch"
-    medians["mia_gen"] = medians[auto]
     result = {
-        "benchmark": "knn",
-        "command": "python benchmarks/bench_knn.py" + (" --quick" if args.quick else "")
-        + (f" --device {args.device}" if args.device != "cpu" else ""),
+        "data": kind,
         "shape": {"queries": n_queries, "samples": n_samples, "dim": dim},
-        "device": str(device),
-        "auto_backend": auto,
-        "machine": machine_info(),
         "seconds": {name: {"median": e["median_s"], "runs": e["runs_s"]} for name, e in timed.items()},
         "speedup_vs_sklearn": {f"mia_gen_{b}": medians["sklearn_brute"] / medians[f"mia_gen_{b}"] for b in backends},
         "ratio_to_matmul": {f"mia_gen_{b}": medians[f"mia_gen_{b}"] / medians["torch_matmul"] for b in backends},
@@ -157,12 +158,38 @@ def main() -> None:
     for b in backends:
         name = f"mia_gen_{b}"
         print(
-            f"{name}{' (auto)' if name == auto else ''}: median {medians[name]:.2f} s vs matmul "
-            f"{medians['torch_matmul']:.2f} s and sklearn {medians['sklearn_brute']:.2f} s -> "
-            f"{result['speedup_vs_sklearn'][name]:.2f}x faster than sklearn (target >= 3), "
-            f"{result['ratio_to_matmul'][name]:.2f}x the matmul (target <= 1.5); same neighbour "
-            f"as sklearn for {agreement[name]:.2%} of queries"
+            f"[{kind}] {name}: median {medians[name]:.2f} s vs matmul {medians['torch_matmul']:.2f} s and "
+            f"sklearn {medians['sklearn_brute']:.2f} s -> {result['speedup_vs_sklearn'][name]:.2f}x faster "
+            f"than sklearn (target >= 3), {result['ratio_to_matmul'][name]:.2f}x the matmul (target <= 1.5); "
+            f"same neighbour as sklearn for {agreement[name]:.2%} of queries"
         )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="200 queries x 20,000 samples")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--data", choices=("both", "normal", "dcgan"), default="both")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda | auto (our search and the matmul)")
+    parser.add_argument("--out", default=None, help="JSON result path (default benchmarks/results/)")
+    args = parser.parse_args()
+
+    n_queries, n_samples = (200, 20_000) if args.quick else (2000, 100_000)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else args.device)
+    if device.type == "cpu" and args.device == "auto":
+        device = torch.device("cpu")
+    kinds = ("normal", "dcgan") if args.data == "both" else (args.data,)
+    result = {
+        "benchmark": "knn",
+        "command": "python benchmarks/bench_knn.py" + (" --quick" if args.quick else "")
+        + (f" --data {args.data}" if args.data != "both" else "")
+        + (f" --device {args.device}" if args.device != "cpu" else ""),
+        "device": str(device),
+        "auto_backend": "mia_gen_faiss" if device.type == "cpu" else "mia_gen_torch",
+        "machine": machine_info(),
+        "data": {kind: run_one(kind, n_queries, n_samples, device, args.repeats) for kind in kinds},
+    }
     write_result("knn_quick" if args.quick else "knn", result, args.out)
 
 
