@@ -40,3 +40,15 @@ def array_fingerprint(array: np.ndarray, name: str = "") -> str:
     digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
     digest.update(memoryview(array).cast("B"))
     return digest.hexdigest()
+
+
+def files_fingerprint(paths) -> str:
+    """sha256 of the names and bytes of some files: identifies a model or a store by content,
+    so that an artefact replaced in place is never mistaken for the one that was cached."""
+    digest = hashlib.sha256()
+    for path in sorted(paths, key=lambda p: p.name):
+        digest.update(f"{path.name}|".encode())
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()

@@ -22,7 +22,7 @@ from attacks.base import Access, Attack, AttackContext, AttackOutput, build_atta
 from mia_gen.datasets import load_dataset
 from mia_gen.device import resolve_device
 from mia_gen.errors import CorruptStoreError, MiaGenError
-from mia_gen.hashing import config_hash
+from mia_gen.hashing import config_hash, files_fingerprint
 from mia_gen.sample_store import SampleStore, import_samples, write_samples
 from mia_gen.splits import load_or_make_split
 from models.factory import load_discriminator, load_generator, train_model
@@ -98,9 +98,11 @@ class Pipeline:
 
     @cached_property
     def train_key(self) -> str:
-        checkpoint = self.cfg.model.get("checkpoint")
-        if checkpoint:
-            return config_hash({"checkpoint": str(Path(checkpoint).resolve())})
+        if self.cfg.model.get("checkpoint"):
+            files = [*self.model_dir.glob("*.safetensors"), *self.model_dir.glob("*.json")]
+            if not files:
+                load_generator(self.cfg.model, self.model_dir, self.device)  # raises with the fix
+            return config_hash({"checkpoint": files_fingerprint(files)})
         return config_hash({
             "data": self.cfg.data, "fingerprint": self.records.fingerprint, "split": self.split_key,
             "model": self.cfg.model, "defense": self.cfg.defense,
@@ -108,9 +110,10 @@ class Pipeline:
 
     @cached_property
     def sample_key(self) -> str:
-        store = self.cfg.sampling.get("store")
-        if store:
-            return config_hash({"store": str(Path(store).resolve())})
+        if self.cfg.sampling.get("store"):
+            # The manifest lists every shard's sha256: it identifies the store's content.
+            return config_hash({"store": files_fingerprint([SampleStore.open(self.sample_dir).path
+                                                            / "manifest.json"])})
         if self.synthetic_path is not None:
             return config_hash({"synthetic": self.synthetic_records.fingerprint,
                                 "shard_size": self.cfg.sampling.shard_size,

@@ -238,3 +238,21 @@ def test_auditing_synthetic_tabular_data(tmp_path):
     assert all(r["auc"] >= 0.9 for r in results), [(r["attack"], r["auc"]) for r in results]
     rows = read_csv(tmp_path / "run" / "scores.csv")
     assert len(rows) == 3 * 200
+
+
+def test_a_trained_model_or_a_sample_store_from_elsewhere_is_attacked_by_pointing_at_it(tmp_path):
+    first = Pipeline(make_config(MEMORIZER, tmp_path / "cache"), tmp_path / "run")
+    first.run()
+    expected = (tmp_path / "run" / "scores.csv").read_bytes()
+
+    by_model = make_config(MEMORIZER + [f"model.checkpoint={first.model_dir}"], tmp_path / "other")
+    Pipeline(by_model, tmp_path / "run_model").run()
+    assert (tmp_path / "run_model" / "scores.csv").read_bytes() == expected
+    by_store = make_config(MEMORIZER + [f"sampling.store={first.sample_dir}"], tmp_path / "third")
+    Pipeline(by_store, tmp_path / "run_store").run()
+    assert (tmp_path / "run_store" / "scores.csv").read_bytes() == expected
+
+    # Replacing the weights in place is a different model: nothing cached for the old one is reused.
+    before = Pipeline(by_model, tmp_path / "x").train_key
+    (first.model_dir / "generator.json").write_text((first.model_dir / "generator.json").read_text() + " ")
+    assert Pipeline(by_model, tmp_path / "y").train_key != before
