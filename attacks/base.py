@@ -34,6 +34,9 @@ class AttackContext:
     samples: a `SampleStore` of generated samples (every access level gets it).
     generator: the generator, only for `query` / `white_box` access.
     discriminator: the GAN's discriminator, only for `white_box` access.
+    denoiser: a diffusion model's `models.denoiser.Denoiser`, only for `white_box` access.
+    labelled_subset (`(positions, labels)`): only for attacks that learn from labels (e.g. SecMI-NNs):
+        positions into `queries` and their member labels; evaluation drops these records.
     reference (`torch.Tensor` of shape `(R, ...)`): only when the attack needs reference data.
     """
 
@@ -42,6 +45,8 @@ class AttackContext:
     samples: Any = None
     generator: Optional[torch.nn.Module] = None
     discriminator: Optional[torch.nn.Module] = None
+    denoiser: Optional[torch.nn.Module] = None
+    labelled_subset: Optional[tuple[np.ndarray, np.ndarray]] = None
     reference: Optional[torch.Tensor] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
@@ -83,6 +88,7 @@ class Attack:
     access: ClassVar[Access]
     defaults: ClassVar[dict[str, Any]] = {}
     needs_reference_data: bool = False  # subclasses may make this a property of their config
+    needs_labelled_subset: bool = False  # learns from a labelled part of the queries (then excluded)
 
     def __init__(self, **params: Any):
         unknown = sorted(set(params) - set(self.defaults) - {"_target_"})

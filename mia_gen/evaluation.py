@@ -15,12 +15,13 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from mia_gen.metrics import evaluate_scores, roc_points
+from mia_gen.metrics import auc, evaluate_scores, roc_points
 from mia_gen.report import (
     format_results_table,
     plot_nearest_neighbours,
     plot_roc,
     plot_score_histograms,
+    plot_timestep_sweep,
     write_report,
 )
 from mia_gen.tracking import make_tracker
@@ -44,6 +45,19 @@ def write_scores_csv(path: Path, scored: dict[str, dict], members: np.ndarray) -
                 writer.writerow([name, int(record_id), int(is_member), repr(float(score))])
 
 
+def evaluated_part(entry: dict) -> dict:
+    """The entry without the records an attack learnt from (`info["trained_on"]` positions):
+    those are never scored as if unseen. `kept` holds the remaining positions."""
+    n = len(entry["record_ids"])
+    kept = np.setdiff1d(np.arange(n), np.asarray(entry["info"].get("trained_on") or [], dtype=int))
+    part = {**entry, "kept": kept,
+            "record_ids": np.asarray(entry["record_ids"])[kept].tolist(),
+            "scores": np.asarray(entry["scores"])[kept].tolist()}
+    if entry.get("neighbour_indices"):
+        part["neighbour_indices"] = np.asarray(entry["neighbour_indices"])[kept].tolist()
+    return part
+
+
 def _most_exposed(labels: np.ndarray, scores: np.ndarray, n_rows: int) -> np.ndarray:
     """Positions of the highest-scoring members and non-members, half of the rows each."""
     rows = []
@@ -59,13 +73,22 @@ def write_outputs(pipeline, scored: dict[str, dict]) -> list[dict]:
     members = pipeline.split.members
     evaluation = cfg.evaluation
     results, curves = [], {}
+    scored = {name: evaluated_part(entry) for name, entry in scored.items()}
+    sweeps = {}
     for name, entry in scored.items():
         labels = labels_for(np.asarray(entry["record_ids"]), members)
         scores = np.asarray(entry["scores"], dtype=np.float64)
         metrics = evaluate_scores(labels, scores, alphas=tuple(evaluation.alphas),
                                   n_bootstrap=int(evaluation.n_bootstrap), seed=int(cfg.seed))
-        results.append({"attack": name, "access": entry["access"], **metrics,
-                        "seconds": entry["seconds"], "config": entry["config"], "info": entry["info"]})
+        info = {k: v for k, v in entry["info"].items() if k not in ("sweep", "trained_on")}
+        result = {"attack": name, "access": entry["access"], **metrics, "seconds": entry["seconds"],
+                  "config": entry["config"], "info": info}
+        if entry["info"].get("sweep"):
+            sweeps[name] = result["auc_by_timestep"] = {
+                str(t): auc(labels, np.asarray(values, dtype=np.float64)[entry["kept"]])
+                for t, values in entry["info"]["sweep"].items()
+            }
+        results.append(result)
         curves[name] = (labels, scores)
 
     metadata = pipeline.metadata()
@@ -78,6 +101,9 @@ def write_outputs(pipeline, scored: dict[str, dict]) -> list[dict]:
     images = {"ROC (log-log)": "roc.png", "Score histograms": "score_histograms.png"}
     plot_roc(curves, run_dir / "roc.png")
     plot_score_histograms(curves, run_dir / "score_histograms.png")
+    if sweeps:
+        plot_timestep_sweep(sweeps, run_dir / "timestep_sweep.png")
+        images["AUC against the diffusion timestep"] = "timestep_sweep.png"
     with_neighbours = [name for name, entry in scored.items() if entry.get("neighbour_indices")]
     if with_neighbours and pipeline.records.kind == "image":
         name = with_neighbours[0]

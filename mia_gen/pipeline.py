@@ -160,6 +160,14 @@ class Pipeline:
         self.train()
         return load_generator(self.cfg.model, self.model_dir, self.device)
 
+    @cached_property
+    def denoiser(self) -> torch.nn.Module:
+        """The diffusion model as the white-box attacks see it (epsilon prediction, eval mode)."""
+        from models.denoiser import load_denoiser
+
+        self.train()
+        return load_denoiser(self.cfg.model, self.model_dir, self.device)
+
     # ---- sample -------------------------------------------------------------------------
     @cached_property
     def sample_dir(self) -> Path:
@@ -231,9 +239,32 @@ class Pipeline:
             context.generator = self.generator
         if attack.access is Access.WHITE_BOX and self.cfg.model.family == "gan":
             context.discriminator = load_discriminator(self.cfg.model, self.model_dir, self.device)
+        if attack.access is Access.WHITE_BOX and self.cfg.model.family == "diffusion":
+            context.denoiser = self.denoiser
+        if attack.needs_labelled_subset:
+            context.labelled_subset = self.labelled_subset()
         if attack.needs_reference_data:
             context.reference = self.records.get(self.split.reference)
         return context
+
+    def labelled_subset(self) -> tuple[np.ndarray, np.ndarray]:
+        """A seeded share of the queries, with labels, for attacks that learn; evaluation drops it."""
+        fraction = float(self.cfg.evaluation.labelled_fraction)
+        n_labelled = int(round(fraction * len(self.query_ids)))
+        if not 0 < n_labelled < len(self.query_ids):
+            raise MiaGenError(
+                f"evaluation.labelled_fraction={fraction} leaves no records to learn from or none to "
+                f"evaluate on ({len(self.query_ids)} queries); use a value in (0, 1), e.g. 0.2."
+            )
+        rng = np.random.default_rng([int(self.cfg.seed), 7])
+        positions = np.sort(rng.choice(len(self.query_ids), size=n_labelled, replace=False))
+        labels = np.isin(self.query_ids[positions], self.split.members).astype(int)
+        if labels.min() == labels.max():
+            raise MiaGenError(
+                "the labelled subset drawn for a learning attack holds only one class; raise "
+                "evaluation.labelled_fraction or the split sizes."
+            )
+        return positions, labels
 
     def score_path(self, name: str, attack: Attack) -> Path:
         return self.cache_dir / "scores" / f"{name}-{self.attack_key(name, attack)}.json"

@@ -139,6 +139,29 @@ def _histogram_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figur
     return figure
 
 
+def plot_timestep_sweep(sweeps: Mapping[str, Mapping[str, float]], path) -> Path:
+    """AUC against the diffusion timestep t, one line per attack, with the chance level.
+
+    Args:
+        sweeps: `{attack_name: {str(t): auc}}`.
+        path: the image file to write.
+    """
+    if not sweeps:
+        raise MiaGenError("No timestep sweep to plot: pass {attack_name: {t: auc}}.")
+    figure = Figure(figsize=(5.5, 3.8), layout="constrained")
+    ax = figure.subplots()
+    for name, by_t in sweeps.items():
+        points = sorted((int(t), float(value)) for t, value in by_t.items())
+        ax.plot([t for t, _ in points], [v for _, v in points], marker="o", label=name)
+    ax.axhline(0.5, color="gray", linestyle="--", label="chance")
+    ax.set_xlabel("timestep t")
+    ax.set_ylabel("AUC")
+    ax.set_title("AUC against the diffusion timestep")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(figure, path)
+
+
 def _to_display(images: np.ndarray, what: str) -> np.ndarray:
     """`(..., C, H, W)` in [-1, 1] with C in {1, 3} -> `(..., H, W, C)` in [0, 1]."""
     if images.shape[-3] not in (1, 3):

@@ -256,3 +256,37 @@ def test_a_trained_model_or_a_sample_store_from_elsewhere_is_attacked_by_pointin
     before = Pipeline(by_model, tmp_path / "x").train_key
     (first.model_dir / "generator.json").write_text((first.model_dir / "generator.json").read_text() + " ")
     assert Pipeline(by_model, tmp_path / "y").train_key != before
+
+
+def test_records_an_attack_learnt_from_are_not_evaluated_and_sweeps_are_plotted(tmp_path):
+    """A learning attack that memorises its labelled subset must gain nothing from it."""
+    from attacks.base import ATTACKS, Access, Attack, AttackOutput
+
+    class LabelEcho(Attack):
+        name, access, needs_labelled_subset = "label_echo", Access.SAMPLES, True
+        defaults = {"strength": 1.0}
+
+        def score(self, context):
+            positions, labels = context.labelled_subset
+            scores = np.zeros(len(context.queries))
+            scores[positions] = self.strength * labels  # perfect on what it saw, blind elsewhere
+            sweep = {t: (scores * t).tolist() for t in (10, 20)}
+            return AttackOutput(scores=scores, info={"trained_on": positions.tolist(), "sweep": sweep})
+
+    ATTACKS["label_echo"] = LabelEcho
+    try:
+        cfg = make_config(MEMORIZER + ["attack=sample_distance", "+attack.label_echo.strength=2.0"],
+                          tmp_path / "cache")
+        pipe = Pipeline(cfg, tmp_path / "run")
+        results = {r["attack"]: r for r in pipe.run()}
+    finally:
+        del ATTACKS["label_echo"]
+    positions, labels = pipe.labelled_subset()
+    assert len(positions) == 40 and 0 < labels.sum() < 40  # 20% of 200 queries, both classes
+    echo = results["label_echo"]
+    assert echo["auc"] == 0.5 and echo["n_members"] + echo["n_non_members"] == 160
+    assert echo["auc_by_timestep"] == {"10": 0.5, "20": 0.5}
+    assert (tmp_path / "run" / "timestep_sweep.png").stat().st_size > 0
+    rows = [r for r in read_csv(tmp_path / "run" / "scores.csv") if r["attack"] == "label_echo"]
+    assert len(rows) == 160
+    assert not {int(r["record_id"]) for r in rows} & set(pipe.query_ids[positions].tolist())
