@@ -31,7 +31,7 @@ class AttackContext:
     queries (`torch.Tensor` of shape `(Q, ...)`): the records to score (members and non-members,
         in record-id order, unlabelled); images in [-1, 1].
     record_ids (`np.ndarray` of shape `(Q,)`): dataset indices of the queries.
-    samples: a `SampleStore` of generated samples (every access level gets it).
+    samples: a `SampleStore` of generated samples, for attacks that use one (`Attack.uses_samples`).
     generator: the generator, only for `query` / `white_box` access.
     discriminator: the GAN's discriminator, only for `white_box` access.
     denoiser: a diffusion model's `models.denoiser.Denoiser`, only for `white_box` access.
@@ -90,6 +90,11 @@ class Attack:
     needs_reference_data: bool = False  # subclasses may make this a property of their config
     needs_labelled_subset: bool = False  # learns from a labelled part of the queries (then excluded)
 
+    @property
+    def uses_samples(self) -> bool:
+        """Whether the attack reads the sample store (the pipeline only samples when one does)."""
+        return self.access is Access.SAMPLES
+
     def __init__(self, **params: Any):
         unknown = sorted(set(params) - set(self.defaults) - {"_target_"})
         if unknown:
@@ -119,7 +124,7 @@ class Attack:
 
     def check_context(self, context: AttackContext) -> None:
         """Fail early, with the fix, when the pipeline could not provide what the attack needs."""
-        if context.samples is None and self.access is Access.SAMPLES:
+        if context.samples is None and self.uses_samples:
             raise MiaGenError(
                 f"attack '{self.name}' needs a store of generated samples; run the sample stage "
                 "(`mia-gen-sample`) or point `sampling.store=<dir>` at an existing store."

@@ -128,7 +128,7 @@ class Pipeline:
         return storage_dtype
 
     def attack_key(self, name: str, attack: Attack) -> str:
-        upstream = self.sample_key if attack.access is Access.SAMPLES else self.train_key
+        upstream = self.sample_key if attack.uses_samples else self.train_key
         return config_hash({"upstream": upstream, "split": self.split_key, "attack": name,
                             "config": attack.config, "seed": int(self.cfg.seed)})
 
@@ -232,7 +232,8 @@ class Pipeline:
         """Hand the attack only what its threat model allows."""
         context = AttackContext(
             queries=self.records.get(self.query_ids), record_ids=self.query_ids,
-            samples=self.samples, device=self.device, seed=int(self.cfg.seed),
+            samples=self.samples if attack.uses_samples else None,
+            device=self.device, seed=int(self.cfg.seed),
         )
         if attack.access in (Access.QUERY, Access.WHITE_BOX):
             self.require_model(f"attack '{attack.name}' ({attack.access.value} access)")
