@@ -46,7 +46,7 @@ def files_fingerprint(paths) -> str:
     """sha256 of the names and bytes of some files: identifies a model or a store by content,
     so that an artefact replaced in place is never mistaken for the one that was cached."""
     digest = hashlib.sha256()
-    for path in sorted(paths, key=lambda p: p.name):
+    for path in sorted(paths):
         digest.update(f"{path.name}|".encode())
         with open(path, "rb") as handle:
             for block in iter(lambda: handle.read(1 << 20), b""):

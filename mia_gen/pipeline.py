@@ -25,7 +25,7 @@ from mia_gen.errors import CorruptStoreError, MiaGenError
 from mia_gen.hashing import config_hash, files_fingerprint
 from mia_gen.sample_store import SampleStore, import_samples, write_samples
 from mia_gen.splits import load_or_make_split
-from models.factory import load_discriminator, load_generator, train_model
+from models.factory import load_diffusion_denoiser, load_discriminator, load_generator, train_model
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +99,10 @@ class Pipeline:
     @cached_property
     def train_key(self) -> str:
         if self.cfg.model.get("checkpoint"):
-            files = [*self.model_dir.glob("*.safetensors"), *self.model_dir.glob("*.json")]
+            if isinstance(self.model_dir, str):  # a hub id: its revision is what the hub serves
+                return config_hash({"hub_id": self.model_dir})
+            # Weights may sit in subfolders (diffusers: unet/, unet_ema/, scheduler/).
+            files = [*self.model_dir.rglob("*.safetensors"), *self.model_dir.rglob("*.json")]
             if not files:
                 load_generator(self.cfg.model, self.model_dir, self.device)  # raises with the fix
             return config_hash({"checkpoint": files_fingerprint(files)})
@@ -139,10 +142,14 @@ class Pipeline:
 
     # ---- train --------------------------------------------------------------------------
     @cached_property
-    def model_dir(self) -> Path:
+    def model_dir(self) -> Path | str:
+        """Where the model lives: the cache, `model.checkpoint`, or a hub id (kept as a string)."""
         checkpoint = self.cfg.model.get("checkpoint")
         if checkpoint:
-            return Path(checkpoint).expanduser().resolve()
+            path = Path(checkpoint).expanduser()
+            if not path.exists() and self.cfg.model.get("allow_download"):
+                return str(checkpoint)
+            return path.resolve()
         return self.cache_dir / "models" / f"{self.cfg.model.name}-{self.train_key}"
 
     def train(self) -> Path:
@@ -163,10 +170,8 @@ class Pipeline:
     @cached_property
     def denoiser(self) -> torch.nn.Module:
         """The diffusion model as the white-box attacks see it (epsilon prediction, eval mode)."""
-        from models.denoiser import load_denoiser
-
         self.train()
-        return load_denoiser(self.cfg.model, self.model_dir, self.device)
+        return load_diffusion_denoiser(self.cfg.model, self.model_dir, self.device)
 
     # ---- sample -------------------------------------------------------------------------
     @cached_property

@@ -1,7 +1,9 @@
 """Train and load generators by model family, so the pipeline does not know their trainers.
 
 Families: `gan` (DCGAN, WGAN-GP: `models.gan_trainer`), `memorizer` (noisy copies of the
-training records; the leakage upper bound used in tests and sanity checks).
+training records; the leakage upper bound used in tests and sanity checks), `diffusion` (DDPM:
+`models.ddpm_trainer`; pretrained diffusers pipelines; served to white-box attacks as a
+`models.denoiser.Denoiser` and to the sample store as a `models.diffusion_sampling.DiffusionSampler`).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from mia_gen.errors import MiaGenError, MissingAssetError
 
-FAMILIES = ("gan", "memorizer")
+FAMILIES = ("gan", "memorizer", "diffusion")
 
 
 def _family(model_cfg: DictConfig) -> str:
@@ -41,6 +43,17 @@ def train_model(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path, dev
         if not (out_dir / "generator.json").is_file():  # written last: its presence means complete
             _save_memorizer(model_cfg, members, out_dir)
         return
+    if family == "diffusion":
+        if not model_cfg.get("unet"):
+            raise MiaGenError(
+                f"model={model_cfg.get('name')} attacks a pretrained diffusion model and cannot be trained; set "
+                "model.checkpoint=<pipeline directory> (or a hub id with model.allow_download=true), or use "
+                "model=ddpm to train one."
+            )
+        from models.ddpm_trainer import train_ddpm
+
+        train_ddpm(model_cfg, members, out_dir, device, progress=progress)
+        return
     from models.gan_trainer import train_gan
 
     generator = instantiate(model_cfg.generator)
@@ -49,8 +62,14 @@ def train_model(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path, dev
 
 
 def load_generator(model_cfg: DictConfig, model_dir: Path, device: torch.device) -> torch.nn.Module:
-    """The trained generator in eval mode on `device`."""
+    """The trained generator in eval mode on `device` (a diffusion model: its `DiffusionSampler`)."""
     family = _family(model_cfg)
+    if family == "diffusion":
+        from models.diffusion_sampling import DiffusionSampler
+
+        sampler = model_cfg.get("sampler") or {}
+        return DiffusionSampler(load_diffusion_denoiser(model_cfg, model_dir, device), sampler.get("name", "ddim"),
+                                sampler.get("steps", 50), sampler.get("eta")).eval()
     if not model_dir.is_dir():
         raise MissingAssetError(
             f"no trained model at {model_dir}; train one first (`mia-gen-train` with the same "
@@ -63,6 +82,18 @@ def load_generator(model_cfg: DictConfig, model_dir: Path, device: torch.device)
 
         generator = load_module(model_dir, "generator")
     return generator.to(device).eval()
+
+
+def load_diffusion_denoiser(model_cfg: DictConfig, model_dir: Path | str, device: torch.device) -> torch.nn.Module:
+    """The `models.denoiser.Denoiser` (EMA weights when present and `model.use_ema`) white-box attacks use."""
+    if _family(model_cfg) != "diffusion":
+        raise MiaGenError(
+            f"model family '{model_cfg.family}' has no denoiser; white-box diffusion attacks need a diffusion "
+            "model (model=ddpm, model=diffusers)."
+        )
+    from models.denoiser import load_denoiser
+
+    return load_denoiser(model_cfg, model_dir, device)
 
 
 def load_discriminator(model_cfg: DictConfig, model_dir: Path, device: torch.device) -> torch.nn.Module:

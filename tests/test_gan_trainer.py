@@ -19,13 +19,7 @@ from models.gan_trainer import MemberBatches, train_gan
 from models.wgan_gp import WGANGPCritic, WGANGPGenerator
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny models train faster on one thread than with threads competing for a few shared cores."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 ARCHS = {"dcgan": (DCGANGenerator, DCGANDiscriminator), "wgan_gp": (WGANGPGenerator, WGANGPCritic)}

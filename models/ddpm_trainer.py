@@ -1,0 +1,302 @@
+"""Train a DDPM (`models.ddpm`) on the members, with EMA and atomic, resumable checkpoints.
+
+Checkpoint layout in `out_dir` — a diffusers `DDPMPipeline` directory plus trainer state:
+
+- `model_index.json`, `unet/` (raw weights), `unet_ema/` (EMA weights: the ones attacks use),
+  `scheduler/` (all through `save_pretrained`, safetensors + JSON);
+- `trainer_state.pt`: optimiser state, step, RNG states (tensors only; read with weights_only=True);
+- `trainer_state.json`: `{"step", "complete", "steps", "training_hash"}`, written LAST and removed
+  before a new checkpoint is written, so a crash mid-write never leaves a valid-looking checkpoint;
+- `samples/step_XXXXXX.png`: DDIM grids (EMA weights) of a fixed set of 16 initial noises.
+
+All randomness (batch order, timesteps and noise, dropout) comes from generators seeded by
+`training.seed` and checkpointed, so a resumed run gives the same weights as an uninterrupted one
+on CPU. Dropout draws from torch's global RNG, forked for the duration of training so the caller's
+RNG state is left alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import diffusers
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torchvision.utils import save_image
+from tqdm.auto import tqdm
+
+from mia_gen.device import resolve_device
+from mia_gen.errors import CorruptStoreError, MiaGenError
+from mia_gen.hashing import config_hash
+from models.checkpoint import atomic_replace
+from models.ddpm import build_scheduler, build_unet, diffusion_loss
+from models.denoiser import PIPELINE_INDEX, UNET_WEIGHTS, Denoiser
+from models.diffusion_sampling import DiffusionSampler
+from models.gan_trainer import MemberBatches, validate_members
+
+TRAINING_KEYS = (
+    "steps", "batch_size", "optimizer", "lr", "adam_betas", "weight_decay", "warmup_steps", "grad_clip",
+    "ema_decay", "hflip", "checkpoint_every", "sample_every", "sample_steps", "seed",
+)
+# Keys that may change between a run and its resumption without changing the weights.
+RESUMABLE_KEYS = ("steps", "checkpoint_every", "sample_every", "sample_steps")
+OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+STATE_JSON, STATE_PT = "trainer_state.json", "trainer_state.pt"
+GRID_SIZE = 16
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def validate_training_config(training_cfg: Any) -> dict:
+    """Check `model.training` and return it as a plain dict with typed values."""
+    cfg = OmegaConf.to_container(training_cfg, resolve=True) if isinstance(training_cfg, DictConfig) else dict(training_cfg)
+    missing = [k for k in TRAINING_KEYS if k not in cfg]
+    unknown = sorted(set(cfg) - set(TRAINING_KEYS))
+    if missing or unknown:
+        raise MiaGenError(
+            f"model.training is missing {missing} / has unknown keys {unknown}; it takes exactly "
+            f"{list(TRAINING_KEYS)} (see configs/model/ddpm.yaml)."
+        )
+    if cfg["optimizer"] not in OPTIMIZERS:
+        raise MiaGenError(f"model.training.optimizer={cfg['optimizer']!r} is unknown; use one of {sorted(OPTIMIZERS)}.")
+    for key, minimum in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("checkpoint_every", 0),
+                         ("sample_every", 0), ("sample_steps", 1)):
+        if not _is_int(cfg[key]) or cfg[key] < minimum:
+            raise MiaGenError(f"model.training.{key} must be an integer >= {minimum}, got {cfg[key]!r}.")
+    betas = cfg["adam_betas"]
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(_is_number(b) and 0 <= b < 1 for b in betas):
+        raise MiaGenError(f"model.training.adam_betas must be a list of two numbers in [0, 1), got {betas!r}.")
+    cfg["adam_betas"] = [float(b) for b in betas]
+    if not _is_number(cfg["lr"]) or cfg["lr"] <= 0:
+        raise MiaGenError(f"model.training.lr must be a positive number, got {cfg['lr']!r}.")
+    if not _is_number(cfg["weight_decay"]) or cfg["weight_decay"] < 0:
+        raise MiaGenError(f"model.training.weight_decay must be a number >= 0, got {cfg['weight_decay']!r}.")
+    if cfg["grad_clip"] is not None and (not _is_number(cfg["grad_clip"]) or cfg["grad_clip"] <= 0):
+        raise MiaGenError(f"model.training.grad_clip must be a positive max-norm or null (off), got {cfg['grad_clip']!r}.")
+    if cfg["ema_decay"] is not None and (not _is_number(cfg["ema_decay"]) or not 0 < cfg["ema_decay"] < 1):
+        raise MiaGenError(f"model.training.ema_decay must lie in (0, 1) (e.g. 0.999) or be null (no EMA), "
+                          f"got {cfg['ema_decay']!r}.")
+    if not isinstance(cfg["hflip"], bool):
+        raise MiaGenError(f"model.training.hflip must be true or false (random horizontal flips), got {cfg['hflip']!r}.")
+    if not _is_int(cfg["seed"]):
+        raise MiaGenError(f"model.training.seed must be an integer, got {cfg['seed']!r} (it follows the top-level seed).")
+    for key in ("lr", "weight_decay"):
+        cfg[key] = float(cfg[key])
+    return cfg
+
+
+def _seeds(seed: int) -> tuple[int, int, int, int, int]:
+    """Independent seeds for the initial weights, batch order, timesteps + noise, dropout and the grid noises."""
+    return tuple(int(s) for s in np.random.SeedSequence(seed).generate_state(5))
+
+
+def _training_hash(model: dict, cfg: dict) -> str:
+    return config_hash({
+        "unet": model["unet"], "betas": model.get("betas"), "prediction_type": model.get("prediction_type"),
+        "training": {k: v for k, v in cfg.items() if k not in RESUMABLE_KEYS},
+    })
+
+
+def learning_rate(step: int, cfg: dict) -> float:
+    """Linear warm-up from lr/warmup_steps at step 1 to lr at `warmup_steps`, then constant (Ho et al., 2020)."""
+    if cfg["warmup_steps"] == 0:
+        return cfg["lr"]
+    return cfg["lr"] * min(1.0, step / cfg["warmup_steps"])
+
+
+@torch.no_grad()
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * model, for every parameter; buffers are copied."""
+    for ema_p, p in zip(ema.parameters(), model.parameters()):
+        ema_p.mul_(decay).add_(p.detach(), alpha=1 - decay)
+    for ema_b, b in zip(ema.buffers(), model.buffers()):
+        ema_b.copy_(b)
+
+
+def _save_checkpoint(out_dir: Path, step: int, summary: dict, unets: dict, scheduler, optimizer, rngs: dict) -> None:
+    state_json = out_dir / STATE_JSON
+    state_json.unlink(missing_ok=True)  # no valid-looking checkpoint until every file below is written
+    for folder, unet in unets.items():
+        unet.save_pretrained(out_dir / folder, safe_serialization=True)
+    scheduler.save_pretrained(out_dir / "scheduler")
+    index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
+             "scheduler": ["diffusers", type(scheduler).__name__], "unet": ["diffusers", "UNet2DModel"]}
+    atomic_replace(out_dir / PIPELINE_INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
+    state = {"step": step, "optimizer": optimizer.state_dict(), **rngs}
+    atomic_replace(out_dir / STATE_PT, lambda tmp: torch.save(state, tmp))
+    summary = {**summary, "step": step, "complete": step == summary["steps"]}
+    atomic_replace(state_json, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+
+
+def _load_unet_weights(out_dir: Path, folder: str, unet: torch.nn.Module) -> None:
+    path = out_dir / folder / UNET_WEIGHTS
+    try:
+        unet.load_state_dict(load_file(str(path), device="cpu"))
+    except (FileNotFoundError, SafetensorError, RuntimeError) as err:
+        raise CorruptStoreError(
+            f"{path} could not be loaded ({str(err).splitlines()[0]}) although {STATE_JSON} says the checkpoint is "
+            "complete; delete the output directory and retrain."
+        ) from err
+
+
+def _save_grid(unet, scheduler, noise: torch.Tensor, steps: int, path: Path) -> None:
+    sampler = DiffusionSampler(Denoiser.from_unet(unet, scheduler), "ddim", steps=steps)
+    images = sampler(noise).cpu() * 0.5 + 0.5  # Denoiser put unet in eval(): the caller restores train()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_replace(path, lambda tmp: save_image(images, str(tmp), nrow=4, format="png"))
+
+
+def _read_summary(out_dir: Path) -> dict | None:
+    state_json = out_dir / STATE_JSON
+    if not state_json.is_file():
+        return None
+    try:
+        return json.loads(state_json.read_text())
+    except json.JSONDecodeError as err:
+        raise CorruptStoreError(f"{state_json} is not valid JSON ({err}); delete {out_dir} and retrain.") from err
+
+
+def train_ddpm(
+    model_cfg: Any,
+    members: torch.Tensor,
+    out_dir: str | os.PathLike,
+    device: str | torch.device,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> Denoiser:
+    """Train the DDPM of `model_cfg` on `members` into `out_dir`; returns its Denoiser (EMA weights if any).
+
+    members: `(N, C, H, W)` in [-1, 1], C and H = W as `model.unet.in_channels` / `sample_size`.
+    model_cfg: `unet`, `betas`, `prediction_type`, `training` (keys of `TRAINING_KEYS`), see
+        configs/model/ddpm.yaml.
+    out_dir: checkpoint directory; a checkpoint with step < steps is resumed, a finished one is
+        loaded without training (extending `training.steps` continues it).
+    stop_after: stop (as if interrupted) once this many steps are done, leaving an incomplete checkpoint.
+    """
+    model = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
+    cfg = validate_training_config(model.get("training") or {})
+    if stop_after is not None and (not _is_int(stop_after) or stop_after < 1):
+        raise MiaGenError(f"stop_after must be a positive number of steps or None, got {stop_after!r}.")
+    scheduler = build_scheduler(model)
+    init_seed, batch_seed, noise_seed, dropout_seed, grid_seed = _seeds(cfg["seed"])
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(init_seed)  # the initial weights (built on CPU) follow training.seed
+        unet = build_unet(model.get("unet") or {})
+    shape = SimpleNamespace(channels=unet.config.in_channels, resolution=unet.config.sample_size)
+    members = validate_members(members, shape, shape)
+    device = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = cfg["steps"] if stop_after is None else min(cfg["steps"], stop_after)
+    summary = {"steps": cfg["steps"], "training_hash": _training_hash(model, cfg)}
+    use_ema = cfg["ema_decay"] is not None
+    ema = copy.deepcopy(unet) if use_ema else None
+    unets = {"unet": unet, **({"unet_ema": ema} if use_ema else {})}
+
+    start = 0
+    saved = _read_summary(out_dir)
+    if saved is not None:
+        start = int(saved["step"])
+        if saved.get("training_hash") != summary["training_hash"]:
+            raise MiaGenError(
+                f"{out_dir} holds a run with another model or other training settings (only "
+                f"{list(RESUMABLE_KEYS)} may change when resuming); use a fresh output directory or delete this one."
+            )
+        if start > cfg["steps"]:
+            raise MiaGenError(
+                f"{out_dir} holds a run already trained for {start} steps, more than training.steps={cfg['steps']}; "
+                f"set training.steps>={start} or use a fresh output directory."
+            )
+        for folder, module in unets.items():
+            _load_unet_weights(out_dir, folder, module)
+
+    def finished() -> Denoiser:
+        return Denoiser.from_unet((ema if use_ema else unet).to(device), scheduler).eval()
+
+    if start >= target:
+        return finished()
+
+    batches = MemberBatches(members.shape[0], cfg["batch_size"], batch_seed)
+    noise_rng = torch.Generator().manual_seed(noise_seed)
+    grid_noise = torch.randn(GRID_SIZE, unet.config.in_channels * unet.config.sample_size ** 2,
+                             generator=torch.Generator().manual_seed(grid_seed))
+    for module in unets.values():
+        module.to(device)
+    optimizer = OPTIMIZERS[cfg["optimizer"]](unet.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
+                                             weight_decay=cfg["weight_decay"])
+    cuda = device.type == "cuda"
+    with torch.random.fork_rng(devices=[device] if cuda else []):
+        torch.default_generator.manual_seed(dropout_seed)
+        if cuda:
+            with torch.cuda.device(device):
+                torch.cuda.manual_seed(dropout_seed)
+        if start:
+            if not (out_dir / STATE_PT).is_file():
+                raise CorruptStoreError(
+                    f"{out_dir / STATE_PT} is missing although {STATE_JSON} says step {start}; the checkpoint is "
+                    "incomplete. Delete the output directory and retrain."
+                )
+            state = torch.load(out_dir / STATE_PT, map_location="cpu", weights_only=True)
+            if int(state["step"]) != start:
+                raise CorruptStoreError(
+                    f"{out_dir / STATE_PT} is at step {state['step']} but {STATE_JSON} says {start}; the checkpoint "
+                    "is inconsistent. Delete the output directory and retrain."
+                )
+            optimizer.load_state_dict(state["optimizer"])
+            batches.load_state_dict(state["batches"])
+            noise_rng.set_state(state["noise_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            if cuda and "cuda_rng" in state:
+                torch.cuda.set_rng_state(state["cuda_rng"], device)
+
+        unet.train()
+        T = scheduler.config.num_train_timesteps
+        bar = tqdm(total=cfg["steps"], initial=start, disable=not progress, desc="train ddpm")
+        for step in range(start + 1, target + 1):
+            x0 = members[batches.next_indices()]
+            if cfg["hflip"]:  # the CIFAR-10 protocol of DDPM / SecMI / PIA
+                flip = torch.rand(x0.shape[0], generator=noise_rng) < 0.5
+                x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+            t = torch.randint(0, T, (x0.shape[0],), generator=noise_rng)
+            noise = torch.randn(x0.shape, generator=noise_rng)
+            loss = diffusion_loss(unet, scheduler, x0.to(device), t.to(device), noise.to(device))
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, cfg)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg["grad_clip"] is not None:
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg["grad_clip"])
+            optimizer.step()
+            if use_ema:
+                ema_update(ema, unet, cfg["ema_decay"])
+
+            bar.update(1)
+            if progress and (step % 10 == 0 or step == target):
+                bar.set_postfix(loss=f"{loss.item():.4f}")
+            if cfg["sample_every"] and step % cfg["sample_every"] == 0:
+                with torch.random.fork_rng(devices=[device] if cuda else []):
+                    _save_grid(ema if use_ema else unet, scheduler, grid_noise, cfg["sample_steps"],
+                               out_dir / "samples" / f"step_{step:06d}.png")
+                unet.train()
+            if (cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0) or step == target:
+                rngs = {"batches": batches.state_dict(), "noise_rng": noise_rng.get_state(),
+                        "torch_rng": torch.get_rng_state()}
+                if cuda:
+                    rngs["cuda_rng"] = torch.cuda.get_rng_state(device)
+                _save_checkpoint(out_dir, step, summary, unets, scheduler, optimizer, rngs)
+        bar.close()
+    return finished()
