@@ -290,3 +290,36 @@ def test_records_an_attack_learnt_from_are_not_evaluated_and_sweeps_are_plotted(
     rows = [r for r in read_csv(tmp_path / "run" / "scores.csv") if r["attack"] == "label_echo"]
     assert len(rows) == 160
     assert not {int(r["record_id"]) for r in rows} & set(pipe.query_ids[positions].tolist())
+
+
+TINY_DDPM = FAST + [
+    "model=ddpm", "model.unet.block_out_channels=[8,16]", "model.unet.norm_num_groups=8",
+    "model.training.steps=4", "model.training.warmup_steps=1", "model.training.checkpoint_every=2",
+    "model.training.sample_every=100", "model.training.batch_size=16",
+]
+
+
+def test_diffusion_white_box_attacks_run_through_the_pipeline_without_sampling(tmp_path):
+    attacks = ["attack=[diffusion_loss,secmi_stat,secmi_nn,pia,pian]", "attack.secmi_nn.nn_epochs=2"]
+    cfg = make_config(TINY_DDPM + attacks, tmp_path / "cache")
+    pipe = Pipeline(cfg, tmp_path / "run")
+    results = {r["attack"]: r for r in pipe.run()}
+    assert set(results) == {"diffusion_loss", "secmi_stat", "secmi_nn", "pia", "pian"}
+    assert all(r["access"] == "white_box" for r in results.values())
+    assert results["pia"]["info"]["model_calls_per_record"] == 2
+    # secmi_nn learnt from 20% of the 200 queries; those are not evaluated.
+    assert results["secmi_nn"]["n_members"] + results["secmi_nn"]["n_non_members"] == 160
+    assert results["pia"]["n_members"] + results["pia"]["n_non_members"] == 200
+    assert not (tmp_path / "cache" / "samples").exists()  # white-box attacks need no samples
+
+
+def test_a_saved_diffusers_pipeline_is_attacked_by_pointing_at_it_with_a_split_file(tmp_path):
+    trained = Pipeline(make_config(TINY_DDPM + ["attack=pia"], tmp_path / "cache"), tmp_path / "run")
+    expected = {r["attack"]: r["auc"] for r in trained.run()}
+    assert (trained.model_dir / "model_index.json").is_file()  # a real diffusers pipeline directory
+    trained.split.save(tmp_path / "split.json")
+
+    cfg = make_config(FAST + ["model=diffusers", f"model.checkpoint={trained.model_dir}", "attack=pia",
+                              f"split.path={tmp_path / 'split.json'}"], tmp_path / "elsewhere")
+    results = Pipeline(cfg, tmp_path / "run2").run()
+    assert {r["attack"]: r["auc"] for r in results} == expected
