@@ -106,3 +106,26 @@ def load_module(directory: str | os.PathLike, name: str, map_location: str | tor
             f"another model. Delete {directory} and retrain."
         ) from err
     return module.to(map_location).eval()
+
+
+STATE_JSON, STATE_PT = "trainer_state.json", "trainer_state.pt"
+
+
+def load_trainer_state(out_dir: Path, start: int) -> dict:
+    """The resume state (optimizers, data order, RNGs) a trainer saved at step `start`.
+
+    `trainer_state.json` (written last) says which step the checkpoint holds; the `.pt` file must
+    exist and agree, else the checkpoint is half-written and must not be resumed from.
+    """
+    if not (out_dir / STATE_PT).is_file():
+        raise CorruptStoreError(
+            f"{out_dir / STATE_PT} is missing although {STATE_JSON} says step {start}; the checkpoint is "
+            "incomplete. Delete the output directory and retrain."
+        )
+    state = torch.load(out_dir / STATE_PT, map_location="cpu", weights_only=True)
+    if int(state["step"]) != start:
+        raise CorruptStoreError(
+            f"{out_dir / STATE_PT} is at step {state['step']} but {STATE_JSON} says {start}; the checkpoint is "
+            "inconsistent. Delete the output directory and retrain."
+        )
+    return state

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from mia_gen.device import resolve_device
 from mia_gen.errors import CorruptStoreError, MiaGenError
 from mia_gen.hashing import config_hash
-from models.checkpoint import atomic_replace
+from models.checkpoint import STATE_JSON, STATE_PT, atomic_replace, load_trainer_state
 from models.ddpm import build_scheduler, build_unet, diffusion_loss
 from models.denoiser import PIPELINE_INDEX, UNET_WEIGHTS, Denoiser
 from models.diffusion_sampling import DiffusionSampler
@@ -49,7 +49,6 @@ TRAINING_KEYS = (
 # Keys that may change between a run and its resumption without changing the weights.
 RESUMABLE_KEYS = ("steps", "checkpoint_every", "sample_every", "sample_steps")
 OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
-STATE_JSON, STATE_PT = "trainer_state.json", "trainer_state.pt"
 GRID_SIZE = 16
 
 
@@ -245,17 +244,7 @@ def train_ddpm(
             with torch.cuda.device(device):
                 torch.cuda.manual_seed(dropout_seed)
         if start:
-            if not (out_dir / STATE_PT).is_file():
-                raise CorruptStoreError(
-                    f"{out_dir / STATE_PT} is missing although {STATE_JSON} says step {start}; the checkpoint is "
-                    "incomplete. Delete the output directory and retrain."
-                )
-            state = torch.load(out_dir / STATE_PT, map_location="cpu", weights_only=True)
-            if int(state["step"]) != start:
-                raise CorruptStoreError(
-                    f"{out_dir / STATE_PT} is at step {state['step']} but {STATE_JSON} says {start}; the checkpoint "
-                    "is inconsistent. Delete the output directory and retrain."
-                )
+            state = load_trainer_state(out_dir, start)
             optimizer.load_state_dict(state["optimizer"])
             batches.load_state_dict(state["batches"])
             noise_rng.set_state(state["noise_rng"])

@@ -33,7 +33,7 @@ from mia_gen.device import resolve_device
 from mia_gen.errors import CorruptStoreError, MiaGenError
 from mia_gen.hashing import config_hash
 from models import dcgan, wgan_gp
-from models.checkpoint import atomic_replace, load_module, save_module
+from models.checkpoint import STATE_JSON, STATE_PT, atomic_replace, load_module, load_trainer_state, save_module
 
 TRAINING_KEYS = (
     "loss", "steps", "batch_size", "lr_g", "lr_d", "betas", "n_critic",
@@ -41,7 +41,6 @@ TRAINING_KEYS = (
 )
 # Keys that may change between a run and its resumption without changing the weights.
 RESUMABLE_KEYS = ("steps", "checkpoint_every", "sample_every")
-STATE_JSON, STATE_PT = "trainer_state.json", "trainer_state.pt"
 GRID_SIZE = 64
 
 
@@ -266,17 +265,7 @@ def train_gan(
         "discriminator": torch.optim.Adam(discriminator.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas"])),
     }
     if start:
-        if not (out_dir / STATE_PT).is_file():
-            raise CorruptStoreError(
-                f"{out_dir / STATE_PT} is missing although {STATE_JSON} says step {start}; the checkpoint is "
-                "incomplete. Delete the output directory and retrain."
-            )
-        state = torch.load(out_dir / STATE_PT, map_location="cpu", weights_only=True)
-        if int(state["step"]) != start:
-            raise CorruptStoreError(
-                f"{out_dir / STATE_PT} is at step {state['step']} but {STATE_JSON} says {start}; the checkpoint is "
-                "inconsistent. Delete the output directory and retrain."
-            )
+        state = load_trainer_state(out_dir, start)
         for name, opt in optimizers.items():
             opt.load_state_dict(state[f"optimizer_{name}"])
         batches.load_state_dict(state["batches"])
