@@ -31,6 +31,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_knn.py
 	$(BIN)/python benchmarks/bench_lpips.py
 	$(BIN)/python benchmarks/bench_sampling_memory.py
+	$(BIN)/python benchmarks/bench_diffusion_attacks.py
 
 clean-cache:
 	rm -rf .cache/mia-gen
