@@ -99,13 +99,16 @@ class Pipeline:
     @cached_property
     def train_key(self) -> str:
         if self.cfg.model.get("checkpoint"):
+            # How the model is loaded (e.g. use_ema, prediction_type) matters; where it lies does not.
+            loading = {k: v for k, v in OmegaConf.to_container(self.cfg.model, resolve=True).items()
+                       if k != "checkpoint"}
             if isinstance(self.model_dir, str):  # a hub id: its revision is what the hub serves
-                return config_hash({"hub_id": self.model_dir})
+                return config_hash({"hub_id": self.model_dir, "model": loading})
             # Weights may sit in subfolders (diffusers: unet/, unet_ema/, scheduler/).
             files = [*self.model_dir.rglob("*.safetensors"), *self.model_dir.rglob("*.json")]
             if not files:
                 load_generator(self.cfg.model, self.model_dir, self.device)  # raises with the fix
-            return config_hash({"checkpoint": files_fingerprint(files)})
+            return config_hash({"checkpoint": files_fingerprint(files), "model": loading})
         return config_hash({
             "data": self.cfg.data, "fingerprint": self.records.fingerprint, "split": self.split_key,
             "model": self.cfg.model, "defense": self.cfg.defense,

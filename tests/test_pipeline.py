@@ -323,3 +323,16 @@ def test_a_saved_diffusers_pipeline_is_attacked_by_pointing_at_it_with_a_split_f
                               f"split.path={tmp_path / 'split.json'}"], tmp_path / "elsewhere")
     results = Pipeline(cfg, tmp_path / "run2").run()
     assert {r["attack"]: r["auc"] for r in results} == expected
+
+
+def test_loading_options_of_a_given_checkpoint_are_part_of_its_cache_key(tmp_path):
+    """Attacking the raw weights instead of the EMA weights of the same directory is another model."""
+    trained = Pipeline(make_config(TINY_DDPM + ["attack=pia"], tmp_path / "cache"), tmp_path / "run")
+    trained.train()
+    keys = {
+        ema: Pipeline(make_config(FAST + ["model=diffusers", f"model.checkpoint={trained.model_dir}",
+                                          f"model.use_ema={ema}", "attack=pia"], tmp_path / "c"),
+                      tmp_path / "r").train_key
+        for ema in ("true", "false")
+    }
+    assert keys["true"] != keys["false"]
