@@ -40,7 +40,7 @@ from models.checkpoint import STATE_JSON, STATE_PT, atomic_replace, load_trainer
 from models.ddpm import build_scheduler, build_unet, diffusion_loss
 from models.denoiser import PIPELINE_INDEX, UNET_WEIGHTS, Denoiser
 from models.diffusion_sampling import DiffusionSampler
-from models.gan_trainer import MemberBatches, validate_members
+from models.gan_trainer import MemberBatches, training_config_with_keys, validate_members
 
 TRAINING_KEYS = (
     "steps", "batch_size", "optimizer", "lr", "adam_betas", "weight_decay", "warmup_steps", "grad_clip",
@@ -62,14 +62,7 @@ def _is_int(value: Any) -> bool:
 
 def validate_training_config(training_cfg: Any) -> dict:
     """Check `model.training` and return it as a plain dict with typed values."""
-    cfg = OmegaConf.to_container(training_cfg, resolve=True) if isinstance(training_cfg, DictConfig) else dict(training_cfg)
-    missing = [k for k in TRAINING_KEYS if k not in cfg]
-    unknown = sorted(set(cfg) - set(TRAINING_KEYS))
-    if missing or unknown:
-        raise MiaGenError(
-            f"model.training is missing {missing} / has unknown keys {unknown}; it takes exactly "
-            f"{list(TRAINING_KEYS)} (see configs/model/ddpm.yaml)."
-        )
+    cfg = training_config_with_keys(training_cfg, TRAINING_KEYS, "configs/model/ddpm.yaml")
     if cfg["optimizer"] not in OPTIMIZERS:
         raise MiaGenError(f"model.training.optimizer={cfg['optimizer']!r} is unknown; use one of {sorted(OPTIMIZERS)}.")
     for key, minimum in (("steps", 1), ("batch_size", 1), ("warmup_steps", 0), ("checkpoint_every", 0),

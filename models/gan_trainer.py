@@ -20,7 +20,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -90,22 +90,25 @@ class MemberBatches:
         self.order, self.cursor = state["order"].clone(), int(state["cursor"])
 
 
-def _plain_config(training_cfg: Any) -> dict:
+def training_config_with_keys(training_cfg: Any, keys: Sequence[str], example: str) -> dict:
+    """`model.training` as a plain dict holding exactly `keys` (any trainer); `example` names a config file."""
     if isinstance(training_cfg, DictConfig):
-        return OmegaConf.to_container(training_cfg, resolve=True)
-    return dict(training_cfg)
+        cfg = OmegaConf.to_container(training_cfg, resolve=True)
+    else:
+        cfg = dict(training_cfg)
+    missing = [k for k in keys if k not in cfg]
+    unknown = sorted(set(cfg) - set(keys))
+    if missing or unknown:
+        raise MiaGenError(
+            f"model.training is missing {missing} / has unknown keys {unknown}; it takes exactly "
+            f"{list(keys)} (see {example})."
+        )
+    return cfg
 
 
 def validate_training_config(training_cfg: Any) -> dict:
     """Check the `model.training` block and return it as a plain dict with typed values."""
-    cfg = _plain_config(training_cfg)
-    missing = [k for k in TRAINING_KEYS if k not in cfg]
-    unknown = sorted(set(cfg) - set(TRAINING_KEYS))
-    if missing or unknown:
-        raise MiaGenError(
-            f"model.training is missing {missing} / has unknown keys {unknown}; it takes exactly "
-            f"{list(TRAINING_KEYS)} (see configs/model/dcgan.yaml)."
-        )
+    cfg = training_config_with_keys(training_cfg, TRAINING_KEYS, "configs/model/dcgan.yaml")
     if cfg["loss"] not in OBJECTIVES:
         raise MiaGenError(f"model.training.loss={cfg['loss']!r} is unknown; use one of {sorted(OBJECTIVES)}.")
     for key, minimum in (("steps", 1), ("batch_size", 1), ("n_critic", 1), ("checkpoint_every", 0), ("sample_every", 0)):
