@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 
-def _plain(obj: Any) -> Any:
+def to_plain(obj: Any) -> Any:
     """Convert OmegaConf containers, numpy scalars and paths into JSON-able plain values."""
     try:
         from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -17,9 +17,9 @@ def _plain(obj: Any) -> Any:
     except ImportError:  # pragma: no cover - omegaconf is a hard dependency
         pass
     if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
+        return {str(k): to_plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
+        return [to_plain(v) for v in obj]
     if isinstance(obj, np.generic):
         return obj.item()
     if isinstance(obj, (str, int, float, bool)) or obj is None:
@@ -29,7 +29,7 @@ def _plain(obj: Any) -> Any:
 
 def config_hash(obj: Any, length: int = 16) -> str:
     """Hash of a config (dict / DictConfig) that does not depend on key order."""
-    canonical = json.dumps(_plain(obj), sort_keys=True, separators=(",", ":"))
+    canonical = json.dumps(to_plain(obj), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:length]
 
 

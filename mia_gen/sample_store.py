@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from mia_gen.errors import CorruptStoreError, MiaGenError
-from mia_gen.hashing import _plain, config_hash
+from mia_gen.hashing import config_hash, to_plain
 
 MANIFEST = "manifest.json"
 FORMAT = "mia-gen-sample-store"
@@ -374,7 +374,7 @@ def write_samples(
             "'float16' or 'float32' (tabular)."
         )
     n_samples, shard_size, seed = int(n_samples), int(shard_size), int(seed)
-    plain_metadata = _plain(metadata or {})
+    plain_metadata = to_plain(metadata or {})
     settings = {
         "n_samples": n_samples,
         "shard_size": shard_size,
