@@ -38,6 +38,9 @@ class AttackContext:
     labelled_subset (`(positions, labels)`): only for attacks that learn from labels (e.g. SecMI-NNs):
         positions into `queries` and their member labels; evaluation drops these records.
     reference (`torch.Tensor` of shape `(R, ...)`): only when the attack needs reference data.
+    reference_model: the same queries seen through a reference model (an `AttackContext` whose
+        generator / samples / discriminator come from a model trained the same way on reference
+        records), only for attacks that calibrate against one (`needs_reference_model`).
     """
 
     queries: torch.Tensor
@@ -48,6 +51,7 @@ class AttackContext:
     denoiser: Optional[torch.nn.Module] = None
     labelled_subset: Optional[tuple[np.ndarray, np.ndarray]] = None
     reference: Optional[torch.Tensor] = None
+    reference_model: Optional["AttackContext"] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
 
@@ -89,6 +93,7 @@ class Attack:
     defaults: ClassVar[dict[str, Any]] = {}
     needs_reference_data: bool = False  # subclasses may make this a property of their config
     needs_labelled_subset: bool = False  # learns from a labelled part of the queries (then excluded)
+    needs_reference_model: bool = False  # compares against a model trained the same way on reference data
 
     @property
     def uses_samples(self) -> bool:
@@ -109,6 +114,9 @@ class Attack:
 
     def score(self, context: AttackContext) -> AttackOutput:
         raise NotImplementedError
+
+    def check_split_sizes(self, n_members: int, n_non_members: int) -> None:
+        """Fail before any work when the split cannot serve the attack (e.g. groups larger than it)."""
 
     def __call__(self, context: AttackContext) -> AttackOutput:
         self.check_context(context)
@@ -147,12 +155,22 @@ class Attack:
 
 
 def build_attack(name: str, params: Optional[dict] = None) -> Attack:
-    """Build a registered attack by name with keyword parameters (`_target_` is ignored)."""
+    """Build an attack by its registered name with keyword parameters.
+
+    A config key that is not a registered name may still name an attack through `_target_`
+    (e.g. `calibrated_fbb: {_target_: attacks.calibration.Calibration, ...}`), so one run can hold
+    the same attack twice with different settings.
+    """
     import attacks  # noqa: F401  (registers every attack module)
 
-    if name not in ATTACKS:
+    params = dict(params or {})
+    cls = ATTACKS.get(name)
+    target = params.get("_target_")
+    if cls is None and target:
+        cls = next((c for c in ATTACKS.values() if f"{c.__module__}.{c.__qualname__}" == target), None)
+    if cls is None:
         raise MiaGenError(
-            f"unknown attack '{name}'; available: {', '.join(sorted(ATTACKS))}. "
-            "Select attacks with e.g. `attack=[sample_distance,domias]`."
+            f"unknown attack '{name}'{f' (_target_ {target})' if target else ''}; available: "
+            f"{', '.join(sorted(ATTACKS))}. Select attacks with e.g. `attack=[sample_distance,domias]`."
         )
-    return ATTACKS[name](**dict(params or {}))
+    return cls(**params)

@@ -15,9 +15,10 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from mia_gen.metrics import auc, evaluate_scores, roc_points
+from mia_gen.metrics import auc, evaluate_scores, group_auc, roc_points
 from mia_gen.report import (
     format_results_table,
+    plot_group_auc,
     plot_nearest_neighbours,
     plot_roc,
     plot_score_histograms,
@@ -27,6 +28,9 @@ from mia_gen.report import (
 from mia_gen.tracking import make_tracker
 
 log = logging.getLogger(__name__)
+
+# Per-record detail an attack keeps in its cached scores, not copied into results.json.
+_BULKY_INFO = ("sweep", "trained_on", "target_scores", "reference_scores")
 
 
 def labels_for(record_ids: np.ndarray, members: np.ndarray) -> np.ndarray:
@@ -74,19 +78,24 @@ def write_outputs(pipeline, scored: dict[str, dict]) -> list[dict]:
     evaluation = cfg.evaluation
     results, curves = [], {}
     scored = {name: evaluated_part(entry) for name, entry in scored.items()}
-    sweeps = {}
+    sweeps, groups = {}, {}
     for name, entry in scored.items():
         labels = labels_for(np.asarray(entry["record_ids"]), members)
         scores = np.asarray(entry["scores"], dtype=np.float64)
         metrics = evaluate_scores(labels, scores, alphas=tuple(evaluation.alphas),
                                   n_bootstrap=int(evaluation.n_bootstrap), seed=int(cfg.seed))
-        info = {k: v for k, v in entry["info"].items() if k not in ("sweep", "trained_on")}
+        info = {k: v for k, v in entry["info"].items() if k not in _BULKY_INFO}
         result = {"attack": name, "access": entry["access"], **metrics, "seconds": entry["seconds"],
                   "config": entry["config"], "info": info}
         if entry["info"].get("sweep"):
             sweeps[name] = result["auc_by_timestep"] = {
                 str(t): auc(labels, np.asarray(values, dtype=np.float64)[entry["kept"]])
                 for t, values in entry["info"]["sweep"].items()
+            }
+        if entry["info"].get("group_sizes"):
+            groups[name] = result["group_auc"] = {
+                str(n): group_auc(labels, scores, int(n), int(entry["info"]["n_groups"]), seed=int(cfg.seed))
+                for n in entry["info"]["group_sizes"]
             }
         results.append(result)
         curves[name] = (labels, scores)
@@ -104,6 +113,9 @@ def write_outputs(pipeline, scored: dict[str, dict]) -> list[dict]:
     if sweeps:
         plot_timestep_sweep(sweeps, run_dir / "timestep_sweep.png")
         images["AUC against the diffusion timestep"] = "timestep_sweep.png"
+    if groups:
+        plot_group_auc(groups, run_dir / "group_auc.png")
+        images["AUC of deciding n records jointly (co-membership)"] = "group_auc.png"
     with_neighbours = [name for name, entry in scored.items() if entry.get("neighbour_indices")]
     if with_neighbours and pipeline.records.kind == "image":
         name = with_neighbours[0]

@@ -203,6 +203,11 @@ class LPIPSEmbedding(torch.nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.embed(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """`forward` with autograd (the backbone's weights stay frozen): for objectives such as
+        latent inversion, whose gradient flows through LPIPS into the generator's input."""
         import lpips
 
         out = []

@@ -351,3 +351,28 @@ def evaluate_scores(
         "n_non_members": n_non_members,
         "warnings": messages,
     }
+
+
+def group_auc(labels, scores, group_size: int, n_groups: int, seed: int = 0) -> float:
+    """AUC of deciding groups of `group_size` records jointly (co-membership, Liu et al. ICDM'19).
+
+    `n_groups` groups of distinct members and `n_groups` groups of distinct non-members are drawn
+    (seeded); a group's score is the mean of its records' scores. Size 1 is the per-record AUC.
+    """
+    labels, scores = _validate(labels, scores)
+    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
+        raise MiaGenError(f"group_size must be a positive integer, got {group_size!r}.")
+    if group_size == 1:
+        return auc(labels, scores)
+    rng = np.random.default_rng([int(seed), int(group_size)])
+    group_scores = []
+    for label in (1, 0):
+        pool = scores[labels == label]
+        if group_size > len(pool):
+            raise MiaGenError(
+                f"groups of {group_size} need at least {group_size} {'members' if label else 'non-members'} "
+                f"but {len(pool)} are evaluated; use smaller group sizes or a larger split."
+            )
+        picks = np.argsort(rng.random((int(n_groups), len(pool))), axis=1)[:, :group_size]
+        group_scores.append(pool[picks].mean(axis=1))
+    return auc(np.r_[np.ones(int(n_groups)), np.zeros(int(n_groups))], np.r_[group_scores[0], group_scores[1]])

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from attacks.base import Access, Attack, AttackContext, AttackOutput, build_attack
 from mia_gen.datasets import load_dataset
 from mia_gen.device import resolve_device
-from mia_gen.errors import CorruptStoreError, MiaGenError
+from mia_gen.errors import CorruptStoreError, MiaGenError, MissingAssetError
 from mia_gen.hashing import config_hash, files_fingerprint
 from mia_gen.sample_store import SampleStore, import_samples, write_samples
 from mia_gen.splits import load_or_make_split
@@ -59,6 +59,13 @@ class Pipeline:
     @cached_property
     def split(self):
         return load_or_make_split(self.cfg.split, self.records)
+
+    training_role = "members"
+
+    @property
+    def training_ids(self) -> np.ndarray:
+        """The records the model is trained on: the split's members."""
+        return self.split.members
 
     @cached_property
     def query_ids(self) -> np.ndarray:
@@ -114,9 +121,14 @@ class Pipeline:
             "model": self.cfg.model, "defense": self.cfg.defense,
         })
 
+    @property
+    def given_store(self) -> str | None:
+        """A sample store the user gave (`sampling.store`) instead of sampling the model."""
+        return self.cfg.sampling.get("store")
+
     @cached_property
     def sample_key(self) -> str:
-        if self.cfg.sampling.get("store"):
+        if self.given_store:
             # The manifest lists every shard's sha256: it identifies the store's content.
             return config_hash({"store": files_fingerprint([SampleStore.open(self.sample_dir).path
                                                             / "manifest.json"])})
@@ -135,8 +147,12 @@ class Pipeline:
 
     def attack_key(self, name: str, attack: Attack) -> str:
         upstream = self.sample_key if attack.uses_samples else self.train_key
-        return config_hash({"upstream": upstream, "split": self.split_key, "attack": name,
-                            "config": attack.config, "seed": int(self.cfg.seed)})
+        payload = {"upstream": upstream, "split": self.split_key, "attack": name,
+                   "config": attack.config, "seed": int(self.cfg.seed)}
+        if attack.needs_reference_model:
+            reference = self.reference_pipeline(attack)
+            payload["reference"] = reference.sample_key if attack.uses_samples else reference.train_key
+        return config_hash(payload)
 
     @property
     def config_hash(self) -> str:
@@ -160,8 +176,8 @@ class Pipeline:
         if self.cfg.model.get("checkpoint"):
             log.info("train: using the trained model at %s", self.model_dir)
             return self.model_dir
-        members = self.records.get(self.split.members)
-        log.info("train: %s on %d members -> %s", self.cfg.model.name, len(members), self.model_dir)
+        members = self.records.get(self.training_ids)
+        log.info("train: %s on %d %s -> %s", self.cfg.model.name, len(members), self.training_role, self.model_dir)
         train_model(self.cfg.model, members, self.model_dir, self.device, progress=self.progress)
         return self.model_dir
 
@@ -179,14 +195,14 @@ class Pipeline:
     # ---- sample -------------------------------------------------------------------------
     @cached_property
     def sample_dir(self) -> Path:
-        store = self.cfg.sampling.get("store")
+        store = self.given_store
         if store:
             return Path(store).expanduser().resolve()
         source = "synthetic" if self.synthetic_path is not None else self.cfg.model.name
         return self.cache_dir / "samples" / f"{source}-{self.sample_key}"
 
     def sample(self) -> SampleStore:
-        if self.cfg.sampling.get("store"):
+        if self.given_store:
             return SampleStore.open(self.sample_dir)
         try:
             store = SampleStore.open(self.sample_dir)
@@ -233,11 +249,15 @@ class Pipeline:
         selected = self.cfg.get("attack") or {}
         if not selected:
             raise MiaGenError("no attack selected; choose some, e.g. `attack=[sample_distance,domias]`.")
-        return {name: build_attack(name, OmegaConf.to_container(params, resolve=True))
-                for name, params in selected.items()}
+        built = {name: build_attack(name, OmegaConf.to_container(params, resolve=True))
+                 for name, params in selected.items()}
+        for attack in built.values():
+            attack.check_split_sizes(len(self.split.members), len(self.split.non_members))
+        return built
 
-    def context_for(self, attack: Attack) -> AttackContext:
-        """Hand the attack only what its threat model allows."""
+    def context_for(self, attack: Attack, reference_model: bool = True) -> AttackContext:
+        """Hand the attack only what its threat model allows (and, for a calibrating attack, the same
+        view of its reference model unless `reference_model` is False)."""
         context = AttackContext(
             queries=self.records.get(self.query_ids), record_ids=self.query_ids,
             samples=self.samples if attack.uses_samples else None,
@@ -254,7 +274,19 @@ class Pipeline:
             context.labelled_subset = self.labelled_subset()
         if attack.needs_reference_data:
             context.reference = self.records.get(self.split.reference)
+        if attack.needs_reference_model and reference_model:
+            context.reference_model = self.reference_pipeline(attack).context_for(attack, reference_model=False)
+            context.reference_model.labelled_subset = context.labelled_subset
         return context
+
+    def reference_pipeline(self, attack: Attack) -> "ReferencePipeline":
+        """The reference model of a calibrating attack: trained the same way on reference records."""
+        self.require_model(f"attack '{attack.name}' (a reference model)")
+        key = (attack.reference_size, attack.reference_checkpoint)
+        cache = self.__dict__.setdefault("_reference_pipelines", {})
+        if key not in cache:
+            cache[key] = ReferencePipeline(self, attack.reference_size, attack.reference_checkpoint)
+        return cache[key]
 
     def labelled_subset(self) -> tuple[np.ndarray, np.ndarray]:
         """A seeded share of the queries, with labels, for attacks that learn; evaluation drops it."""
@@ -348,3 +380,83 @@ class Pipeline:
             return self.attack()
         return self.evaluate()
 
+
+
+class ReferencePipeline(Pipeline):
+    """A model trained exactly as the target (same data, model, defense and training config) but on
+    reference records, disjoint from the members and the evaluated non-members; it scores the same
+    queries. Cached under its own keys (`reference-<model>-<key>`)."""
+
+    training_role = "reference records"
+
+    def __init__(self, parent: Pipeline, size="members", checkpoint: str | None = None):
+        super().__init__(parent.cfg, parent.run_dir)
+        self.parent = parent
+        self.checkpoint = checkpoint
+        self.__dict__["records"] = parent.records
+        self.__dict__["split"] = parent.split
+        self.__dict__["query_ids"] = parent.query_ids
+        if checkpoint is None and parent.cfg.model.get("checkpoint"):
+            raise MiaGenError(
+                "calibration: the target model is a given checkpoint (model.checkpoint), so the reference "
+                "model cannot be trained the same way here; train one on reference records and set "
+                "attack.<name>.reference_checkpoint=<its directory>."
+            )
+        reference = np.asarray(parent.split.reference)
+        if size == "members":
+            n = len(parent.split.members)
+        elif size == "all":
+            n = len(reference)
+        elif isinstance(size, int) and not isinstance(size, bool) and size > 0:
+            n = size
+        else:
+            raise MiaGenError(f"reference_size must be 'members', 'all' or a positive integer, got {size!r}.")
+        if checkpoint is None and (len(reference) == 0 or n > len(reference)):
+            raise MiaGenError(
+                f"calibration needs {n} reference records to train the reference model, but the split has "
+                f"{len(reference)}; raise split.n_reference (e.g. split.n_reference={max(n, 1)}) or set "
+                "attack.<name>.reference_size lower."
+            )
+        self._training_ids = reference[:n]
+
+    @property
+    def training_ids(self) -> np.ndarray:
+        return self._training_ids
+
+    @cached_property
+    def model_dir(self) -> Path:
+        if self.checkpoint is not None:
+            path = Path(self.checkpoint).expanduser().resolve()
+            if not path.is_dir():
+                raise MissingAssetError(
+                    f"reference_checkpoint {path} does not exist; give the directory of a model trained on "
+                    "reference records."
+                )
+            return path
+        return self.cache_dir / "models" / f"reference-{self.cfg.model.name}-{self.train_key}"
+
+    @cached_property
+    def train_key(self) -> str:
+        if self.checkpoint is not None:
+            files = [*self.model_dir.rglob("*.safetensors"), *self.model_dir.rglob("*.json")]
+            return config_hash({"reference_checkpoint": files_fingerprint(files)})
+        return config_hash({
+            "data": self.cfg.data, "fingerprint": self.records.fingerprint,
+            "reference_records": self.training_ids.tolist(),
+            "model": self.cfg.model, "defense": self.cfg.defense,
+        })
+
+    def train(self) -> Path:
+        if self.checkpoint is not None:
+            return self.model_dir
+        members = self.records.get(self.training_ids)
+        log.info("train: reference %s on %d reference records -> %s", self.cfg.model.name, len(members),
+                 self.model_dir)
+        train_model(self.cfg.model, members, self.model_dir, self.device, progress=self.progress)
+        return self.model_dir
+
+    @cached_property
+    def sample_dir(self) -> Path:
+        return self.cache_dir / "samples" / f"reference-{self.cfg.model.name}-{self.sample_key}"
+
+    given_store = None  # a store given for the target (sampling.store) is not the reference model's

@@ -162,6 +162,30 @@ def plot_timestep_sweep(sweeps: Mapping[str, Mapping[str, float]], path) -> Path
     return _save(figure, path)
 
 
+def plot_group_auc(groups: Mapping[str, Mapping[str, float]], path) -> Path:
+    """AUC against the group size n (co-membership), one line per attack, log2 x axis.
+
+    Args:
+        groups: `{attack_name: {str(n): auc}}`.
+        path: the image file to write.
+    """
+    if not groups:
+        raise MiaGenError("No group AUCs to plot: pass {attack_name: {n: auc}}.")
+    figure = Figure(figsize=(5.5, 3.8), layout="constrained")
+    ax = figure.subplots()
+    for name, by_n in groups.items():
+        points = sorted((int(n), float(value)) for n, value in by_n.items())
+        ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.axhline(0.5, color="gray", linestyle="--", label="chance")
+    ax.set_xlabel("targets decided together (n)")
+    ax.set_ylabel("AUC")
+    ax.set_title("Co-membership: AUC against group size")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(figure, path)
+
+
 def _to_display(images: np.ndarray, what: str) -> np.ndarray:
     """`(..., C, H, W)` in [-1, 1] with C in {1, 3} -> `(..., H, W, C)` in [0, 1]."""
     if images.shape[-3] not in (1, 3):
