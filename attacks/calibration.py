@@ -53,13 +53,16 @@ class Calibration(Attack):
     def check_split_sizes(self, n_members: int, n_non_members: int) -> None:
         self.inner.check_split_sizes(n_members, n_non_members)
 
-    def score(self, context: AttackContext) -> AttackOutput:
+    def check_context(self, context: AttackContext) -> None:
         if context.reference_model is None:
             raise MiaGenError(
                 "calibration needs a reference model (a model trained the same way on reference records); "
                 "give split.n_reference > 0 so the pipeline trains one, or set "
                 "attack.calibration.reference_checkpoint=<dir> when the target is a given checkpoint."
             )
+        super().check_context(context)
+
+    def score(self, context: AttackContext) -> AttackOutput:
         target = self.inner(context)
         reference = self.inner(context.reference_model)
         info = {"target_info": target.info, "reference_info": reference.info,

@@ -65,7 +65,7 @@ def train_encoder(generator: nn.Module, image_shape: tuple[int, ...], steps: int
         optimiser.zero_grad(set_to_none=True)
         loss.backward()
         optimiser.step()
-    return encoder.eval().requires_grad_(False), float(loss)
+    return encoder.eval().requires_grad_(False), float(loss.detach())
 
 
 @register_attack
