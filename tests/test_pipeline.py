@@ -336,3 +336,64 @@ def test_loading_options_of_a_given_checkpoint_are_part_of_its_cache_key(tmp_pat
         for ema in ("true", "false")
     }
     assert keys["true"] != keys["false"]
+
+
+def test_calibration_trains_a_reference_model_on_reference_records(tmp_path):
+    """The reference model is trained like the target on reference records, cached beside it, and the
+    calibrated score is the target's minus the reference's; a second key can wrap another attack."""
+    # lambda_z=0: the memoriser's latent is (record index, 256 noise values), so the norm prior would
+    # move the index (a jump to another record) rather than fit the noise.
+    overrides = MEMORIZER + [
+        "attack=[latent_inversion,calibration]", "attack.latent_inversion.lambda_lpips=0",
+        "attack.latent_inversion.lambda_z=0", "attack.latent_inversion.iterations=3",
+        "attack.calibration.params={lambda_lpips:0,lambda_z:0,iterations:3}",
+        "+attack.calibrated_fbb={_target_:attacks.calibration.Calibration,attack:sample_distance}",
+    ]
+    cfg = make_config(overrides, tmp_path / "cache")
+    pipeline = Pipeline(cfg, tmp_path / "run")
+    pipeline.run()
+    models = sorted(p.name.split("-")[0] for p in (tmp_path / "cache" / "models").iterdir())
+    assert models == ["memorizer", "reference"]
+    reference = pipeline.reference_pipeline(pipeline.attacks()["calibration"])
+    assert set(reference.training_ids) <= set(pipeline.split.reference)
+    assert len(reference.training_ids) == len(pipeline.split.members)
+    scored = pipeline.attack(require_cached=True)
+    for name in ("calibration", "calibrated_fbb"):
+        info = scored[name]["info"]
+        np.testing.assert_allclose(scored[name]["scores"],
+                                   np.subtract(info["target_scores"], info["reference_scores"]))
+    np.testing.assert_allclose(scored["calibration"]["info"]["target_scores"], scored["latent_inversion"]["scores"])
+    results = {r["attack"]: r for r in json.loads((tmp_path / "run" / "results.json").read_text())["attacks"]}
+    assert results["calibrated_fbb"]["auc"] >= 0.85 and results["calibration"]["auc"] >= 0.85
+    assert "target_scores" not in results["calibration"]["info"]  # per-record detail stays in the cache
+
+
+def test_calibration_without_reference_records_or_with_a_given_checkpoint_explains_the_fix(tmp_path):
+    cfg = make_config(MEMORIZER + ["attack=[calibration]", "split.n_reference=0"], tmp_path / "cache")
+    with pytest.raises(MiaGenError, match="split.n_reference"):
+        Pipeline(cfg, tmp_path / "run").run()
+    Pipeline(make_config(MEMORIZER, tmp_path / "cache"), tmp_path / "first").run("train")
+    trained = next((tmp_path / "cache" / "models").iterdir())
+    cfg = make_config(MEMORIZER + ["attack=[calibration]", f"model.checkpoint={trained}"], tmp_path / "cache")
+    with pytest.raises(MiaGenError, match="reference_checkpoint"):
+        Pipeline(cfg, tmp_path / "run2").run()
+
+
+def test_co_membership_reports_auc_against_group_size(tmp_path):
+    overrides = MEMORIZER + [
+        "attack=[co_membership]", "attack.co_membership.lambda_lpips=0", "attack.co_membership.encoder_steps=5",
+        "attack.co_membership.iterations=2", "attack.co_membership.group_sizes=[1,4]", "attack.co_membership.n_groups=20",
+    ]
+    Pipeline(make_config(overrides, tmp_path / "cache"), tmp_path / "run").run()
+    (result,) = json.loads((tmp_path / "run" / "results.json").read_text())["attacks"]
+    assert set(result["group_auc"]) == {"1", "4"} and result["group_auc"]["1"] == result["auc"]
+    assert (tmp_path / "run" / "group_auc.png").stat().st_size > 0
+    assert "group_auc.png" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_groups_larger_than_the_split_fail_before_any_work(tmp_path, monkeypatch):
+    monkeypatch.setattr(pipeline_module, "train_model", lambda *a, **k: pytest.fail("trained anyway"))
+    cfg = make_config(MEMORIZER + ["attack=[co_membership]", "attack.co_membership.group_sizes=[1,128]"],
+                      tmp_path / "cache")
+    with pytest.raises(MiaGenError, match="n=128"):
+        Pipeline(cfg, tmp_path / "run").run()
