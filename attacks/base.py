@@ -69,6 +69,22 @@ class AttackOutput:
     info: dict = field(default_factory=dict)
 
 
+def is_integer(value) -> bool:
+    """True for ints (and integral floats, as YAML may give), not for bools, strings or None."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return True
+    return isinstance(value, (float, np.floating)) and float(value).is_integer()
+
+
+def check_positive_int(value, what: str, attack_name: str) -> int:
+    """`value` as an int >= 1, or a `MiaGenError` naming the setting."""
+    if not is_integer(value) or int(value) < 1:
+        raise MiaGenError(f"attack '{attack_name}': {what} must be a positive integer, got {value!r}.")
+    return int(value)
+
+
 ATTACKS: dict[str, type["Attack"]] = {}
 
 

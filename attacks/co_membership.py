@@ -22,9 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
+from attacks.base import Access, Attack, AttackContext, AttackOutput, check_positive_int, register_attack
 from attacks.latent_inversion import ReconstructionObjective, check_weights, generator_with_latents, invert, lpips_for
-from mia_gen import latent_search
 from mia_gen.errors import MiaGenError
 
 
@@ -105,17 +104,17 @@ class CoMembership(Attack):
             )
 
     def encoder(self, generator: nn.Module, context: AttackContext) -> tuple[LatentEncoder, float]:
-        steps = latent_search._check_positive_int(self.encoder_steps, f"{self.name}: encoder_steps")
-        batch_size = latent_search._check_positive_int(self.encoder_batch_size, f"{self.name}: encoder_batch_size")
+        steps = check_positive_int(self.encoder_steps, "encoder_steps", self.name)
+        batch_size = check_positive_int(self.encoder_batch_size, "encoder_batch_size", self.name)
         return train_encoder(generator, tuple(context.queries.shape[1:]), steps, batch_size,
                              float(self.encoder_lr), int(context.seed), context.device)
 
     def score(self, context: AttackContext) -> AttackOutput:
         check_weights(self)
         sizes = self.group_size_list()
-        latent_search._check_positive_int(self.n_groups, f"{self.name}: n_groups")
+        check_positive_int(self.n_groups, "n_groups", self.name)
         generator = generator_with_latents(context, self.name)
-        batch_size = latent_search._check_positive_int(self.batch_size, f"{self.name}: batch_size")
+        batch_size = check_positive_int(self.batch_size, "batch_size", self.name)
         encoder, encoder_loss = self.encoder(generator, context)
         with torch.no_grad():
             queries = context.queries.float().to(context.device)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
+from attacks.base import Access, Attack, AttackContext, AttackOutput, check_positive_int, register_attack
 from mia_gen import latent_search
 from mia_gen.errors import MiaGenError
 
@@ -99,7 +99,7 @@ def check_weights(attack: Attack) -> None:
 
 def initial_latents(attack: Attack, context: AttackContext, generator: torch.nn.Module) -> torch.Tensor:
     """Starting points `(restarts, Q, latent_dim)` for the attack's `init` and `restarts`."""
-    restarts = latent_search._check_positive_int(attack.restarts, f"{attack.name}: restarts")
+    restarts = check_positive_int(attack.restarts, "restarts", attack.name)
     n, dim = len(context.queries), generator.latent_dim
     if attack.init == "zero":
         if restarts > 1:
@@ -153,7 +153,10 @@ def invert(objective: ReconstructionObjective, z0: torch.Tensor, optimizer: str,
     found, evaluations = [], 0
     for s in range(0, len(z0), batch_size):
         part = index[s : s + batch_size]
-        loss_fn = lambda z, part=part: objective(z, part)  # noqa: E731
+
+        def loss_fn(z, rows, part=part):
+            return objective(z, part[rows])
+
         if optimizer == "lbfgs":
             result = latent_search.lbfgs(loss_fn, z0[s : s + batch_size], iterations)
         elif optimizer == "adam":
@@ -193,7 +196,7 @@ class LatentInversion(Attack):
         if self.optimizer not in ("lbfgs", "adam"):
             raise MiaGenError(f"{self.name}: unknown optimizer '{self.optimizer}'; use 'lbfgs' or 'adam'.")
         generator = generator_with_latents(context, self.name)
-        batch_size = latent_search._check_positive_int(self.batch_size, f"{self.name}: batch_size")
+        batch_size = check_positive_int(self.batch_size, "batch_size", self.name)
         z0 = initial_latents(self, context, generator).to(context.device)
         objective = ReconstructionObjective(generator, context.queries, self.lambda_lpips, self.lambda_z,
                                             lpips_for(self, context.device), context.device)

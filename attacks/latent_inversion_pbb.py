@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
+from attacks.base import Access, Attack, AttackContext, AttackOutput, check_positive_int, register_attack
 from attacks.latent_inversion import (
     ReconstructionObjective, best_over_restarts, check_weights, generator_with_latents, initial_latents, lpips_for,
 )
@@ -53,7 +53,7 @@ class LatentInversionPBB(Attack):
         if self.search not in ("es", "powell"):
             raise MiaGenError(f"{self.name}: unknown search '{self.search}'; use 'es' or 'powell'.")
         generator = generator_with_latents(context, self.name)
-        batch_size = latent_search._check_positive_int(self.batch_size, f"{self.name}: batch_size")
+        batch_size = check_positive_int(self.batch_size, "batch_size", self.name)
         z0 = initial_latents(self, context, generator).to(context.device)
         z0 = z0.reshape(-1, z0.shape[-1])
         n_queries = len(context.queries)
@@ -66,10 +66,10 @@ class LatentInversionPBB(Attack):
             part = index[s : s + batch_size]
             if self.search == "es":
                 result = latent_search.evolution_strategy(
-                    lambda z, target, part=part: objective(z, part[target]), z0[s : s + batch_size],
+                    lambda z, rows, part=part: objective(z, part[rows]), z0[s : s + batch_size],
                     self.generations, self.population, self.sigma, rng)
             else:
-                result = latent_search.powell(lambda i, z, part=part: objective(z, part[i : i + 1]),
+                result = latent_search.powell(lambda z, rows, part=part: objective(z, part[rows]),
                                               z0[s : s + batch_size], self.max_iterations)
             found.append(result.z)
             queries = max(queries, result.evaluations)

@@ -14,8 +14,7 @@ import tempfile
 import numpy as np
 import torch
 
-from attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
-from mia_gen import latent_search
+from attacks.base import Access, Attack, AttackContext, AttackOutput, check_positive_int, register_attack
 from mia_gen.errors import MiaGenError
 
 MODES = ("white_box", "black_box")
@@ -45,7 +44,7 @@ class LOGAN(Attack):
         return Access.WHITE_BOX if self.mode == "white_box" else Access.SAMPLES
 
     def score(self, context: AttackContext) -> AttackOutput:
-        batch_size = latent_search._check_positive_int(self.batch_size, "logan: batch_size")
+        batch_size = check_positive_int(self.batch_size, "batch_size", self.name)
         info = {"mode": self.mode}
         if self.mode == "white_box":
             discriminator = context.discriminator
@@ -69,7 +68,7 @@ class LOGAN(Attack):
         from models.gan_trainer import train_gan
 
         store = context.samples
-        n = min(latent_search._check_positive_int(self.shadow_samples, "logan: shadow_samples"), len(store))
+        n = min(check_positive_int(self.shadow_samples, "shadow_samples", self.name), len(store))
         samples = store.get(np.arange(n))
         if samples.dim() != 4:
             raise MiaGenError("logan (black_box) trains a shadow DCGAN and needs image samples; the store holds "

@@ -16,6 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from attacks.base import check_positive_int, is_integer  # noqa: F401  (used by the diffusion attacks)
 from mia_gen.errors import MiaGenError
 
 DENOISER_ATTRIBUTES = ("epsilon", "alphas_cumprod", "num_train_timesteps")
@@ -44,15 +45,6 @@ def denoiser_of(context, attack_name: str) -> torch.nn.Module:
     return model
 
 
-def is_integer(value) -> bool:
-    """True for ints (and integral floats, as YAML may give), not for bools, strings or None."""
-    if isinstance(value, bool):
-        return False
-    if isinstance(value, (int, np.integer)):
-        return True
-    return isinstance(value, (float, np.floating)) and float(value).is_integer()
-
-
 def check_timesteps(timesteps: Sequence[int], num_train_timesteps: int, attack_name: str,
                     what: str = "timesteps") -> list[int]:
     """`timesteps` as a list of ints, each checked to lie in [0, T)."""
@@ -69,13 +61,6 @@ def check_timesteps(timesteps: Sequence[int], num_train_timesteps: int, attack_n
             )
         out.append(int(t))
     return out
-
-
-def check_positive_int(value, what: str, attack_name: str) -> int:
-    """`value` as an int >= 1, or a `MiaGenError` naming the setting."""
-    if not is_integer(value) or int(value) < 1:
-        raise MiaGenError(f"attack '{attack_name}': {what} must be a positive integer, got {value!r}.")
-    return int(value)
 
 
 def coefficient(alphas_cumprod: torch.Tensor, t: torch.Tensor, like: torch.Tensor,

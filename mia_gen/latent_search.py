@@ -1,7 +1,7 @@
 """Minimise many independent per-target objectives over latent codes at once.
 
-Every optimiser here takes `loss_fn(z) -> (N,)`, where row i of `z` `(N, d)` only affects loss i,
-and moves all N latents together: one generator call per step serves every target. Each target
+Every optimiser here takes `loss_fn(z, rows) -> (M,)`: the losses of latent codes `z` `(M, d)`
+against the targets at positions `rows` `(M,)` (int64, in [0, N)). It moves all N latents together: one generator call per step serves every target. Each target
 keeps its own optimiser state (L-BFGS history and step length, Adam moments, ES mean and step
 size), so the result for a target does not depend on which other targets share the batch: a
 batched run equals a loop over targets (up to float rounding of batched kernels).
@@ -24,7 +24,7 @@ import torch
 
 from mia_gen.errors import MiaGenError
 
-LossFn = Callable[[torch.Tensor], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -42,10 +42,10 @@ def _check_positive_int(value, name: str) -> int:
     return int(value)
 
 
-def _loss_and_grad(loss_fn: LossFn, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _loss_and_grad(loss_fn: LossFn, z: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     z = z.detach().requires_grad_(True)
     with torch.enable_grad():
-        loss = loss_fn(z)
+        loss = loss_fn(z, rows)
         (grad,) = torch.autograd.grad(loss.sum(), z)
     return loss.detach(), grad.detach()
 
@@ -53,13 +53,15 @@ def _loss_and_grad(loss_fn: LossFn, z: torch.Tensor) -> tuple[torch.Tensor, torc
 def lbfgs(loss_fn: LossFn, z0: torch.Tensor, iterations: int, history: int = 10, max_line_search: int = 20,
           c1: float = 1e-4, tolerance_grad: float = 1e-7) -> SearchResult:
     """Per-target L-BFGS from `z0` `(N, d)` for `iterations` steps (each step: a line search of
-    1..`max_line_search` loss-and-gradient calls). A target whose gradient is below
-    `tolerance_grad` (max-abs) or whose line search fails stops moving."""
+    1..`max_line_search` loss-and-gradient calls; a backtracking round only evaluates the targets
+    still searching). A target whose gradient is below `tolerance_grad` (max-abs) or whose line
+    search fails stops moving. `evaluations` counts line-search rounds."""
     iterations = _check_positive_int(iterations, "iterations")
     history = _check_positive_int(history, "history")
     n, d = z0.shape
     z = z0.detach().clone()
-    loss, grad = _loss_and_grad(loss_fn, z)
+    every = torch.arange(n, device=z.device)
+    loss, grad = _loss_and_grad(loss_fn, z, every)
     evaluations = 1
     s_hist = z.new_zeros(history, n, d)
     y_hist = z.new_zeros(history, n, d)
@@ -95,12 +97,14 @@ def lbfgs(loss_fn: LossFn, z0: torch.Tensor, iterations: int, history: int = 10,
         pending = active.clone()
         new_z, new_loss, new_grad = z.clone(), loss.clone(), grad.clone()
         for _ in range(max_line_search):
-            trial = z + step[:, None] * direction
-            trial_loss, trial_grad = _loss_and_grad(loss_fn, trial)
+            rows = pending.nonzero().squeeze(1)
+            trial = z[rows] + step[rows, None] * direction[rows]
+            trial_loss, trial_grad = _loss_and_grad(loss_fn, trial, rows)
             evaluations += 1
-            accept = pending & torch.isfinite(trial_loss) & (trial_loss <= loss + c1 * step * slope)
-            new_z[accept], new_loss[accept], new_grad[accept] = trial[accept], trial_loss[accept], trial_grad[accept]
-            pending &= ~accept
+            ok = torch.isfinite(trial_loss) & (trial_loss <= loss[rows] + c1 * step[rows] * slope[rows])
+            accepted = rows[ok]
+            new_z[accepted], new_loss[accepted], new_grad[accepted] = trial[ok], trial_loss[ok], trial_grad[ok]
+            pending[accepted] = False
             if not pending.any():
                 break
             step = torch.where(pending, step * 0.5, step)
@@ -126,10 +130,11 @@ def adam(loss_fn: LossFn, z0: torch.Tensor, iterations: int, lr: float = 0.05) -
     z = torch.nn.Parameter(z0.detach().clone())
     optimiser = torch.optim.Adam([z], lr=float(lr))
     best_z, best_loss = z.detach().clone(), torch.full((len(z),), math.inf, dtype=z.dtype, device=z.device)
+    every = torch.arange(len(z), device=z.device)
     for _ in range(iterations + 1):
         optimiser.zero_grad(set_to_none=True)
         with torch.enable_grad():
-            loss = loss_fn(z)
+            loss = loss_fn(z, every)
             loss.sum().backward()
         better = loss.detach() < best_loss
         best_loss = torch.where(better, loss.detach(), best_loss)
@@ -138,13 +143,12 @@ def adam(loss_fn: LossFn, z0: torch.Tensor, iterations: int, lr: float = 0.05) -
     return SearchResult(z=best_z, loss=best_loss, evaluations=iterations + 1)
 
 
-def evolution_strategy(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], z0: torch.Tensor, generations: int, population: int = 16,
+def evolution_strategy(loss_fn: LossFn, z0: torch.Tensor, generations: int, population: int = 16,
                        sigma: float = 0.5, rng: torch.Generator | None = None) -> SearchResult:
     """Gradient-free search: per target, a (mu/mu_w, lambda)-ES with cumulative step-size adaptation.
 
-    `loss_fn(z, target)` scores latent rows `z` `(M, d)` against the targets `target` `(M,)` (positions
-    in [0, N)); it is called on `N * population` candidates per generation and only ever sees latent
-    codes, under `torch.no_grad`: nothing but G(z) is needed. Returns the best candidate seen per target.
+    `loss_fn` is called on `N * population` candidates per generation (target-major) and only ever
+    sees latent codes, under `torch.no_grad`: nothing but G(z) is needed. Returns the best candidate seen per target.
     """
     generations = _check_positive_int(generations, "generations")
     population = _check_positive_int(population, "population")
@@ -189,12 +193,8 @@ def evolution_strategy(loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Ten
     return SearchResult(z=best_z, loss=best_loss, evaluations=evaluations)
 
 
-def powell(row_loss_fn: Callable[[int, torch.Tensor], torch.Tensor], z0: torch.Tensor,
-           max_iterations: int = 10) -> SearchResult:
-    """scipy's Powell per target (GAN-Leaks pbb), one target at a time, no gradients.
-
-    `row_loss_fn(i, z)` scores latents `z` `(1, d)` against target i and returns `(1,)`.
-    """
+def powell(loss_fn: LossFn, z0: torch.Tensor, max_iterations: int = 10) -> SearchResult:
+    """scipy's Powell per target (GAN-Leaks pbb), one target at a time, no gradients."""
     from scipy.optimize import minimize
 
     max_iterations = _check_positive_int(max_iterations, "max_iterations")
@@ -203,7 +203,7 @@ def powell(row_loss_fn: Callable[[int, torch.Tensor], torch.Tensor], z0: torch.T
         def objective(v: np.ndarray, i: int = i, row: torch.Tensor = row) -> float:
             with torch.no_grad():
                 z = torch.as_tensor(v, dtype=row.dtype, device=row.device)[None]
-                return float(row_loss_fn(i, z)[0])
+                return float(loss_fn(z, torch.tensor([i], device=row.device))[0])
 
         found = minimize(objective, row.cpu().double().numpy(), method="Powell",
                          options={"maxiter": max_iterations})
