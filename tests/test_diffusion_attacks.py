@@ -384,13 +384,13 @@ def test_config_file_lists_every_parameter_with_its_default(name):
 
 @pytest.mark.slow
 def test_a_tiny_ddpm_trained_on_members_leaks():
-    """DESIGN.md sizing: 64 digit members, 16 px, UNet (32, 64), 800 steps at lr 1e-3, EMA weights (~8 min).
+    """DESIGN.md sizing: 64 digit members, 16 px, UNet (32, 64), 800 steps at lr 1e-3, EMA weights (~8 min),
+    trained by a plain loop here (not models/ddpm_trainer.py), GroupNorm with 8 groups.
 
-    Measured (CPU, seed 0): loss 0.98, secmi_stat 0.92, secmi_nn 0.92, pian 0.79, and pia 0.18:
-    PIA's signal is there but inverted on this small model. Its eps(x0, 0) is far smaller than a
-    Gaussian's (norm ~6 for members, ~8 for non-members, against 16) while eps(x_t, t) is
-    Gaussian-sized, so the smaller eps0 of members leaves the larger gap. The direction follows the
-    paper and its code (a larger gap means non-member), so pia is reported here, not asserted.
+    With diffusers' default of 32 groups (a per-channel instance norm on 32 channels) this model's
+    eps(x0, 0) came out far smaller than a Gaussian's, most of all for members, and PIA's signal was
+    inverted (measured: pia 0.18, pian 0.79). With 8 groups PIA works as published; PIAN, whose
+    rescaling of eps0 is meant for that small-eps0 case, is then reported, not asserted.
     """
     from diffusers import UNet2DModel
 
@@ -402,7 +402,7 @@ def test_a_tiny_ddpm_trained_on_members_leaks():
     torch.manual_seed(0)
     unet = UNet2DModel(sample_size=16, in_channels=1, out_channels=1, block_out_channels=(32, 64),
                        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"))
+                       up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=8)
     ema = UNet2DModel.from_config(unet.config)
     ema.load_state_dict(unet.state_dict())
     alphas = ddpm_alphas_cumprod()
@@ -439,4 +439,4 @@ def test_a_tiny_ddpm_trained_on_members_leaks():
         aucs[name] = roc_auc_score(labels[keep], output.scores[keep])
     print("AUC", aucs)
     assert aucs["diffusion_loss"] >= 0.9 and aucs["secmi_stat"] >= 0.85 and aucs["secmi_nn"] >= 0.8, aucs
-    assert aucs["pian"] >= 0.7, aucs
+    assert aucs["pia"] >= 0.8, aucs
