@@ -178,7 +178,8 @@ class Pipeline:
             return self.model_dir
         members = self.records.get(self.training_ids)
         log.info("train: %s on %d %s -> %s", self.cfg.model.name, len(members), self.training_role, self.model_dir)
-        train_model(self.cfg.model, members, self.model_dir, self.device, progress=self.progress)
+        train_model(self.cfg.model, members, self.model_dir, self.device, progress=self.progress,
+                    defense_cfg=self.cfg.get("defense"))
         return self.model_dir
 
     @cached_property
@@ -452,7 +453,8 @@ class ReferencePipeline(Pipeline):
         members = self.records.get(self.training_ids)
         log.info("train: reference %s on %d reference records -> %s", self.cfg.model.name, len(members),
                  self.model_dir)
-        train_model(self.cfg.model, members, self.model_dir, self.device, progress=self.progress)
+        train_model(self.cfg.model, members, self.model_dir, self.device, progress=self.progress,
+                    defense_cfg=self.cfg.get("defense"))
         return self.model_dir
 
     @cached_property

@@ -38,6 +38,7 @@ from mia_gen.errors import CorruptStoreError, MiaGenError
 from mia_gen.hashing import config_hash
 from models.checkpoint import STATE_JSON, STATE_PT, atomic_replace, load_trainer_state
 from models.ddpm import build_scheduler, build_unet, diffusion_loss
+from models.defense import Defense
 from models.denoiser import PIPELINE_INDEX, UNET_WEIGHTS, Denoiser
 from models.diffusion_sampling import DiffusionSampler
 from models.gan_trainer import MemberBatches, training_config_with_keys, validate_members
@@ -169,6 +170,7 @@ def train_ddpm(
     device: str | torch.device,
     progress: bool = True,
     stop_after: int | None = None,
+    defense: Defense | None = None,
 ) -> Denoiser:
     """Train the DDPM of `model_cfg` on `members` into `out_dir`; returns its Denoiser (EMA weights if any).
 
@@ -178,9 +180,13 @@ def train_ddpm(
     out_dir: checkpoint directory; a checkpoint with step < steps is resumed, a finished one is
         loaded without training (extending `training.steps` continues it).
     stop_after: stop (as if interrupted) once this many steps are done, leaving an incomplete checkpoint.
+    defense: a `models.defense.Defense` (weight decay on the UNet; augmentation of each member batch).
     """
     model = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
     cfg = validate_training_config(model.get("training") or {})
+    defense = defense or Defense()
+    if defense.name != "none":  # part of the checkpoint's identity: resuming under another defense fails
+        cfg["defense"] = defense.to_dict()
     if stop_after is not None and (not _is_int(stop_after) or stop_after < 1):
         raise MiaGenError(f"stop_after must be a positive number of steps or None, got {stop_after!r}.")
     scheduler = build_scheduler(model)
@@ -228,8 +234,8 @@ def train_ddpm(
                              generator=torch.Generator().manual_seed(grid_seed))
     for module in unets.values():
         module.to(device)
-    optimizer = OPTIMIZERS[cfg["optimizer"]](unet.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
-                                             weight_decay=cfg["weight_decay"])
+    optimizer = defense.optimizer(unet.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
+                                  base=OPTIMIZERS[cfg["optimizer"]], weight_decay=cfg["weight_decay"])
     cuda = device.type == "cuda"
     with torch.random.fork_rng(devices=[device] if cuda else []):
         torch.default_generator.manual_seed(dropout_seed)
@@ -253,6 +259,7 @@ def train_ddpm(
             if cfg["hflip"]:  # the CIFAR-10 protocol of DDPM / SecMI / PIA
                 flip = torch.rand(x0.shape[0], generator=noise_rng) < 0.5
                 x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+            x0 = defense.augment(x0, noise_rng)
             t = torch.randint(0, T, (x0.shape[0],), generator=noise_rng)
             noise = torch.randn(x0.shape, generator=noise_rng)
             loss = diffusion_loss(unet, scheduler, x0.to(device), t.to(device), noise.to(device))

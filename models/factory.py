@@ -32,13 +32,22 @@ def _family(model_cfg: DictConfig) -> str:
 
 
 def train_model(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path, device: torch.device,
-                progress: bool = True) -> None:
+                progress: bool = True, defense_cfg: DictConfig | None = None) -> None:
     """Train (or resume, or find finished) the model of `model_cfg` on `members` into `out_dir`.
 
-    members (`torch.Tensor` of shape `(N, C, H, W)`, in [-1, 1]).
+    members (`torch.Tensor` of shape `(N, C, H, W)`, in [-1, 1]). defense_cfg: `cfg.defense`
+    (`models.defense`), applied by the trainer.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
+    from models.defense import Defense
+
+    defense = Defense.from_config(defense_cfg)
     family = _family(model_cfg)
+    if family == "memorizer" and defense.name != "none":
+        raise MiaGenError(
+            f"defense={defense.name} does not apply to the memorizer (it copies its members by construction); "
+            "use model=dcgan, wgan_gp or ddpm to measure a defense."
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
     if family == "memorizer":
         if not (out_dir / "generator.json").is_file():  # written last: its presence means complete
             _save_memorizer(model_cfg, members, out_dir)
@@ -52,13 +61,14 @@ def train_model(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path, dev
             )
         from models.ddpm_trainer import train_ddpm
 
-        train_ddpm(model_cfg, members, out_dir, device, progress=progress)
+        train_ddpm(model_cfg, members, out_dir, device, progress=progress, defense=defense)
         return
     from models.gan_trainer import train_gan
 
     generator = instantiate(model_cfg.generator)
     discriminator = instantiate(model_cfg.discriminator)
-    train_gan(generator, discriminator, members, model_cfg.training, out_dir, device, progress=progress)
+    train_gan(generator, discriminator, members, model_cfg.training, out_dir, device, progress=progress,
+              defense=defense)
 
 
 def load_generator(model_cfg: DictConfig, model_dir: Path, device: torch.device) -> torch.nn.Module:

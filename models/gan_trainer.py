@@ -34,6 +34,7 @@ from mia_gen.errors import CorruptStoreError, MiaGenError
 from mia_gen.hashing import config_hash
 from models import dcgan, wgan_gp
 from models.checkpoint import STATE_JSON, STATE_PT, atomic_replace, load_module, load_trainer_state, save_module
+from models.defense import Defense
 
 TRAINING_KEYS = (
     "loss", "steps", "batch_size", "lr_g", "lr_d", "betas", "n_critic",
@@ -215,6 +216,7 @@ def train_gan(
     device: str | torch.device,
     progress: bool = True,
     stop_after: int | None = None,
+    defense: Defense | None = None,
 ) -> nn.Module:
     """Train `generator` against `discriminator` on `members`; returns the generator in eval() mode on `device`.
 
@@ -223,8 +225,12 @@ def train_gan(
     out_dir: checkpoint directory. If it holds a checkpoint with step < steps, training continues from
         it; if it holds a finished run (step == steps), the saved generator is loaded and returned.
     stop_after: stop (as if interrupted) once this many steps are done, leaving an incomplete checkpoint.
+    defense: a `models.defense.Defense` (weight decay on both networks; augmentation of the real batch).
     """
     cfg = validate_training_config(training_cfg)
+    defense = defense or Defense()
+    if defense.name != "none":  # part of the checkpoint's identity: resuming under another defense fails
+        cfg["defense"] = defense.to_dict()
     if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
         raise MiaGenError(f"stop_after must be a positive number of steps or None, got {stop_after!r}.")
     members = validate_members(members, generator, discriminator)
@@ -264,8 +270,8 @@ def train_gan(
     generator.to(device).train()
     discriminator.to(device).train()
     optimizers = {
-        "generator": torch.optim.Adam(generator.parameters(), lr=cfg["lr_g"], betas=tuple(cfg["betas"])),
-        "discriminator": torch.optim.Adam(discriminator.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas"])),
+        "generator": defense.optimizer(generator.parameters(), lr=cfg["lr_g"], betas=tuple(cfg["betas"])),
+        "discriminator": defense.optimizer(discriminator.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas"])),
     }
     if start:
         state = load_trainer_state(out_dir, start)
@@ -282,7 +288,7 @@ def train_gan(
     bar = tqdm(total=cfg["steps"], initial=start, disable=not progress, desc=f"train {cfg['loss']}")
     for step in range(start + 1, target + 1):
         for _ in range(cfg["n_critic"]):
-            real = members[batches.next_indices()].to(device)
+            real = defense.augment(members[batches.next_indices()], noise_rng).to(device)
             with torch.no_grad():
                 fake = generator(generator.sample_latent(batch_size, noise_rng).to(device))
             d_loss = objective.discriminator_loss(discriminator(real), discriminator(fake))

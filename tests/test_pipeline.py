@@ -397,3 +397,14 @@ def test_groups_larger_than_the_split_fail_before_any_work(tmp_path, monkeypatch
                       tmp_path / "cache")
     with pytest.raises(MiaGenError, match="n=128"):
         Pipeline(cfg, tmp_path / "run").run()
+
+
+def test_a_defense_is_part_of_the_models_identity_and_the_memorizer_refuses_one(tmp_path):
+    plain = Pipeline(make_config(TINY_DCGAN, tmp_path / "cache"), tmp_path / "a")
+    augmented = Pipeline(make_config(TINY_DCGAN + ["defense=augmentation"], tmp_path / "cache"), tmp_path / "b")
+    assert plain.train_key != augmented.train_key
+    augmented.run("train")
+    assert json.loads((augmented.model_dir / "trainer_state.json").read_text())["complete"]
+    cfg = make_config(MEMORIZER + ["defense=weight_decay"], tmp_path / "cache")
+    with pytest.raises(MiaGenError, match="does not apply to the memorizer"):
+        Pipeline(cfg, tmp_path / "c").run("train")
