@@ -144,6 +144,9 @@ def _track(pipeline, results: list[dict], curves: dict, images: dict[str, str]) 
     tracker = make_tracker(cfg.logger, run_dir, config, job_name=run_dir.name)
     try:
         summary = {"config_hash": pipeline.config_hash}
+        privacy = pipeline.metadata().get("privacy")
+        if privacy:  # the epsilon a DP-trained model spent
+            summary["privacy"] = privacy
         for result in results:
             name = result["attack"]
             summary[name] = {"auc": result["auc"], "asr": result["asr"],

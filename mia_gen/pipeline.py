@@ -357,6 +357,12 @@ class Pipeline:
                       "n_reference": len(self.split.reference), "seed": self.split.seed},
             "seed": int(self.cfg.seed), "device": str(self.device),
         }
+        if self.synthetic_path is None and isinstance(self.model_dir, Path):
+            from models.privacy import read_privacy_report
+
+            privacy = read_privacy_report(self.model_dir)
+            if privacy is not None:
+                meta["privacy"] = privacy
         if self.sample_dir.is_dir():
             store = SampleStore.open(self.sample_dir)
             meta["samples"] = {"n_samples": len(store), "dir": str(self.sample_dir),

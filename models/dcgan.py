@@ -57,12 +57,14 @@ class DCGANDiscriminator(Discriminator):
         stages = num_scale_stages(resolution)
         widths = [base_channels * 2**i for i in range(stages)]
         # No normalisation on the first layer (Radford et al., 2016, sec. 3).
-        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, inplace=True)]
+        layers: list[nn.Module] = [nn.Conv2d(channels, widths[0], 4, 2, 1), nn.LeakyReLU(0.2, inplace=self.inplace_activations)]
         for c_in, c_out in zip(widths[:-1], widths[1:]):
-            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), self._norm(c_out), nn.LeakyReLU(0.2, inplace=True)]
+            layers += [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), self._norm(c_out), nn.LeakyReLU(0.2, inplace=self.inplace_activations)]
         layers += [nn.Conv2d(widths[-1], 1, BASE_FEATURE_SIZE, 1, 0)]
         self.net = nn.Sequential(*layers)
         self.apply(_dcgan_init)
+
+    inplace_activations = True
 
     def _norm(self, num_channels: int) -> nn.Module:
         return nn.BatchNorm2d(num_channels)
@@ -70,6 +72,17 @@ class DCGANDiscriminator(Discriminator):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self.check_images(x)
         return self.net(x).view(x.shape[0])
+
+
+class DCGANDiscriminatorGroupNorm(DCGANDiscriminator):
+    """The DCGAN discriminator with GroupNorm (8 groups or fewer) instead of BatchNorm: each sample is
+    normalised on its own, so it has per-sample gradients, as DP-SGD needs (as in Opacus' DP-GAN).
+    Its activations are not in place: Opacus' backward hooks forbid modifying their outputs."""
+
+    inplace_activations = False
+
+    def _norm(self, num_channels: int) -> nn.Module:
+        return nn.GroupNorm(min(8, num_channels), num_channels)
 
 
 def discriminator_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:

@@ -76,10 +76,12 @@ def build_scheduler(model_cfg: Any):
     return scheduler_from_betas(cfg.get("betas"), prediction_type)
 
 
-def diffusion_loss(unet, scheduler, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def diffusion_loss(unet, scheduler, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
+                   per_sample_sum: bool = False) -> torch.Tensor:
     """Mean squared error of the network's prediction (Ho et al., 2020, eq. 14; v-target: Salimans & Ho, 2022).
 
-    x0, noise: `(N, C, H, W)` (x0 in [-1, 1]); t: `(N,)` int64 in [0, T).
+    x0, noise: `(N, C, H, W)` (x0 in [-1, 1]); t: `(N,)` int64 in [0, T). With `per_sample_sum`, the
+    sum over samples of each sample's mean error (DP-SGD clips each sample's gradient of its own term).
     """
     x_t = scheduler.add_noise(x0, noise, t)
     prediction = unet(x_t, t).sample
@@ -87,4 +89,6 @@ def diffusion_loss(unet, scheduler, x0: torch.Tensor, t: torch.Tensor, noise: to
         target = scheduler.get_velocity(x0, noise, t)
     else:
         target = noise
+    if per_sample_sum:
+        return F.mse_loss(prediction, target, reduction="none").flatten(1).mean(1).sum()
     return F.mse_loss(prediction, target)

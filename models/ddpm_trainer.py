@@ -236,6 +236,12 @@ def train_ddpm(
         module.to(device)
     optimizer = defense.optimizer(unet.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
                                   base=OPTIMIZERS[cfg["optimizer"]], weight_decay=cfg["weight_decay"])
+    private = None
+    if defense.name == "dp_sgd":
+        from models.privacy import PrivateTraining
+
+        private = PrivateTraining(unet, optimizer, defense, members.shape[0], cfg["batch_size"], cfg["steps"],
+                                  noise_seed + 1, "UNet")
     cuda = device.type == "cuda"
     with torch.random.fork_rng(devices=[device] if cuda else []):
         torch.default_generator.manual_seed(dropout_seed)
@@ -248,6 +254,8 @@ def train_ddpm(
             batches.load_state_dict(state["batches"])
             noise_rng.set_state(state["noise_rng"])
             torch.set_rng_state(state["torch_rng"])
+            if private is not None:
+                private.load_state_dict(state["private"])
             if cuda and "cuda_rng" in state:
                 torch.cuda.set_rng_state(state["cuda_rng"], device)
 
@@ -255,21 +263,32 @@ def train_ddpm(
         T = scheduler.config.num_train_timesteps
         bar = tqdm(total=cfg["steps"], initial=start, disable=not progress, desc="train ddpm")
         for step in range(start + 1, target + 1):
-            x0 = members[batches.next_indices()]
+            if private is None:
+                x0 = members[batches.next_indices()]
+            else:  # Poisson sampling, as the accountant assumes
+                x0 = members[private.poisson_indices(members.shape[0], noise_rng)]
             if cfg["hflip"]:  # the CIFAR-10 protocol of DDPM / SecMI / PIA
                 flip = torch.rand(x0.shape[0], generator=noise_rng) < 0.5
                 x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
             x0 = defense.augment(x0, noise_rng)
             t = torch.randint(0, T, (x0.shape[0],), generator=noise_rng)
             noise = torch.randn(x0.shape, generator=noise_rng)
-            loss = diffusion_loss(unet, scheduler, x0.to(device), t.to(device), noise.to(device))
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, cfg)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg["grad_clip"] is not None:
-                torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg["grad_clip"])
-            optimizer.step()
+            if private is None:
+                loss = diffusion_loss(unet, scheduler, x0.to(device), t.to(device), noise.to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if cfg["grad_clip"] is not None:
+                    torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg["grad_clip"])
+                optimizer.step()
+            elif len(x0):  # per-sample clipping to max_grad_norm replaces grad_clip (an empty draw: no step)
+                loss = diffusion_loss(private.module, scheduler, x0.to(device), t.to(device), noise.to(device),
+                                      per_sample_sum=True)
+                private.optimizer.zero_grad(set_to_none=True)
+                private.backward(loss)
+                private.optimizer.step()
+                loss = loss.detach() / len(x0)
             if use_ema:
                 ema_update(ema, unet, cfg["ema_decay"])
 
@@ -286,6 +305,9 @@ def train_ddpm(
                         "torch_rng": torch.get_rng_state()}
                 if cuda:
                     rngs["cuda_rng"] = torch.cuda.get_rng_state(device)
+                if private is not None:
+                    rngs["private"] = private.state_dict()
+                    private.write_report(out_dir, step)
                 _save_checkpoint(out_dir, step, summary, unets, scheduler, optimizer, rngs)
         bar.close()
     return finished()

@@ -5,6 +5,9 @@ A defense is read from `configs/defense/<name>.yaml` (`Defense.from_config`, str
 - `none`: train as is;
 - `weight_decay`: decoupled weight decay (AdamW, Loshchilov & Hutter, ICLR'19) on every trained
   network (GAN: generator and discriminator; DDPM: the UNet);
+- `dp_sgd`: DP-SGD with Opacus (`models/privacy.py`) on the network that sees the members (GAN:
+  the discriminator, the generator learning only through it; DDPM: the UNet), for a target
+  epsilon (with delta) or a given noise multiplier; the epsilon spent is written beside the model;
 - `augmentation`: every member batch is transformed on the fly before the model sees it: random
   horizontal flips, random crops after reflect-padding, and RandAugment-style ops (Cubuk et al.,
   2020: `randaugment_ops` ops per image drawn from brightness, contrast, translation, at
@@ -26,7 +29,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from mia_gen.errors import MiaGenError
 
-NAMES = ("none", "weight_decay", "augmentation")
+NAMES = ("none", "weight_decay", "augmentation", "dp_sgd")
+ACCOUNTANTS = ("rdp", "prv", "gdp")
 RANDAUGMENT_OPS = ("brightness", "contrast", "translate")
 
 
@@ -38,6 +42,11 @@ class Defense:
     crop_padding: int = 0
     randaugment_ops: int = 0
     randaugment_magnitude: float = 0.0
+    target_epsilon: float | None = None
+    delta: float | None = None
+    noise_multiplier: float | None = None
+    max_grad_norm: float = 1.0
+    accountant: str = "rdp"
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Defense":
@@ -50,7 +59,8 @@ class Defense:
             raise MiaGenError(f"defense.name={name!r} is not one this trainer applies; use one of {NAMES} "
                               "(configs/defense/).")
         allowed = {"none": set(), "weight_decay": {"weight_decay"},
-                   "augmentation": {"hflip", "crop_padding", "randaugment_ops", "randaugment_magnitude"}}[name]
+                   "augmentation": {"hflip", "crop_padding", "randaugment_ops", "randaugment_magnitude"},
+                   "dp_sgd": {"target_epsilon", "delta", "noise_multiplier", "max_grad_norm", "accountant"}}[name]
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise MiaGenError(f"defense={name} has no setting(s) {unknown}; it takes {sorted(allowed) or 'none'}.")
@@ -72,6 +82,19 @@ class Defense:
         magnitude = self.randaugment_magnitude
         if isinstance(magnitude, bool) or not isinstance(magnitude, (int, float)) or not 0 <= magnitude <= 1:
             raise MiaGenError(f"defense.randaugment_magnitude must lie in [0, 1], got {magnitude!r}.")
+        if self.name == "dp_sgd":
+            if (self.target_epsilon is None) == (self.noise_multiplier is None):
+                raise MiaGenError("defense=dp_sgd needs exactly one of target_epsilon (solve for the noise) and "
+                                  "noise_multiplier (report the epsilon it gives); set the other to null.")
+            for key in ("target_epsilon", "noise_multiplier", "max_grad_norm"):
+                value = getattr(self, key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+                    raise MiaGenError(f"defense.{key} must be a positive number, got {value!r}.")
+            if self.delta is not None and (isinstance(self.delta, bool) or not isinstance(self.delta, float)
+                                           or not 0 < self.delta < 1):
+                raise MiaGenError(f"defense.delta must lie in (0, 1) (or null: 1/(10 N)), got {self.delta!r}.")
+            if self.accountant not in ACCOUNTANTS:
+                raise MiaGenError(f"defense.accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}.")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -24,6 +24,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchvision.utils import save_image
@@ -207,6 +208,22 @@ def _save_grid(generator: nn.Module, z: torch.Tensor, path: Path) -> None:
     atomic_replace(path, lambda tmp: save_image(images, str(tmp), nrow=8, format="png"))
 
 
+def private_discriminator_step(private, generator: nn.Module, members: torch.Tensor, defense: Defense,
+                               rng: torch.Generator, batch_size: int, device: torch.device) -> torch.Tensor:
+    """One DP-SGD discriminator step: a Poisson batch of members and `batch_size` fakes, per-sample
+    BCE terms summed (Opacus clips each sample's gradient, then adds noise)."""
+    real = defense.augment(members[private.poisson_indices(members.shape[0], rng)], rng).to(device)
+    with torch.no_grad():
+        fake = generator(generator.sample_latent(batch_size, rng).to(device))
+    logits = private.module(torch.cat([real, fake]))
+    labels = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))]).to(device)
+    loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
+    private.optimizer.zero_grad(set_to_none=True)
+    private.backward(loss)
+    private.optimizer.step()
+    return loss.detach() / len(logits)
+
+
 def train_gan(
     generator: nn.Module,
     discriminator: nn.Module,
@@ -273,6 +290,18 @@ def train_gan(
         "generator": defense.optimizer(generator.parameters(), lr=cfg["lr_g"], betas=tuple(cfg["betas"])),
         "discriminator": defense.optimizer(discriminator.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas"])),
     }
+    private = None
+    if defense.name == "dp_sgd":
+        if cfg["loss"] != "dcgan":
+            raise MiaGenError(
+                "defense=dp_sgd trains the discriminator with per-sample gradients, which the WGAN-GP gradient "
+                "penalty (a gradient of a gradient) does not have in Opacus; use model.training.loss=dcgan."
+            )
+        from models.privacy import PrivateTraining
+
+        private = PrivateTraining(discriminator, optimizers["discriminator"], defense, members.shape[0],
+                                  cfg["batch_size"], cfg["steps"] * cfg["n_critic"], noise_seed + 1,
+                                  "discriminator", expected_batch_size=2 * cfg["batch_size"])
     if start:
         state = load_trainer_state(out_dir, start)
         for name, opt in optimizers.items():
@@ -280,6 +309,8 @@ def train_gan(
         batches.load_state_dict(state["batches"])
         noise_rng.set_state(state["noise_rng"])
         torch.set_rng_state(state["torch_rng"])
+        if private is not None:
+            private.load_state_dict(state["private"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(state["cuda_rng"])
 
@@ -288,6 +319,9 @@ def train_gan(
     bar = tqdm(total=cfg["steps"], initial=start, disable=not progress, desc=f"train {cfg['loss']}")
     for step in range(start + 1, target + 1):
         for _ in range(cfg["n_critic"]):
+            if private is not None:
+                d_loss = private_discriminator_step(private, generator, members, defense, noise_rng, batch_size, device)
+                continue
             real = defense.augment(members[batches.next_indices()], noise_rng).to(device)
             with torch.no_grad():
                 fake = generator(generator.sample_latent(batch_size, noise_rng).to(device))
@@ -299,12 +333,16 @@ def train_gan(
             optimizers["discriminator"].step()
 
         discriminator.requires_grad_(False)  # the generator step needs gradients w.r.t. G only
+        if private is not None:
+            private.module.disable_hooks()  # no per-sample gradients for D in G's step
         fake = generator(generator.sample_latent(batch_size, noise_rng).to(device))
         g_loss = objective.generator_loss(discriminator(fake))
         optimizers["generator"].zero_grad(set_to_none=True)
         g_loss.backward()
         optimizers["generator"].step()
         discriminator.requires_grad_(True)
+        if private is not None:
+            private.module.enable_hooks()
 
         bar.update(1)
         if progress and (step % 10 == 0 or step == target):
@@ -313,6 +351,9 @@ def train_gan(
             _save_grid(generator, grid_z, out_dir / "samples" / f"step_{step:06d}.png")
         if (cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0) or step == target:
             rngs = {"batches": batches.state_dict(), "noise_rng": noise_rng.get_state()}
+            if private is not None:
+                rngs["private"] = private.state_dict()
+                private.write_report(out_dir, step * cfg["n_critic"])
             _save_checkpoint(out_dir, step, cfg, modules, optimizers, rngs)
     bar.close()
     discriminator.eval()

@@ -100,3 +100,89 @@ def test_a_defended_run_resumes_bit_identically_and_refuses_another_defense(tmp_
         run(tmp_path / "partial", defense=DECAY)
     state = json.loads((tmp_path / "straight" / "trainer_state.json").read_text())
     assert state["complete"] is True
+
+
+DP_TARGET = Defense.from_config({"name": "dp_sgd", "target_epsilon": 5.0, "noise_multiplier": None})
+DP_SIGMA = Defense.from_config({"name": "dp_sgd", "target_epsilon": None, "noise_multiplier": 1.1, "delta": 1e-3,
+                                "max_grad_norm": 0.5})
+
+
+def private_gan_models(init_seed=0):
+    from models.dcgan import DCGANDiscriminatorGroupNorm, DCGANGenerator
+
+    torch.manual_seed(init_seed)
+    return DCGANGenerator(latent_dim=4, resolution=16, channels=1, base_channels=2), DCGANDiscriminatorGroupNorm(16, 1, 2)
+
+
+def opacus_epsilon(sigma, sample_rate, steps, delta):
+    """The accountant stepped once per private step, as Opacus' PrivacyEngine does."""
+    from opacus.accountants import RDPAccountant
+
+    accountant = RDPAccountant()
+    for _ in range(steps):
+        accountant.step(noise_multiplier=sigma, sample_rate=sample_rate)
+    return accountant.get_epsilon(delta=delta)
+
+
+@pytest.mark.parametrize("trainer", ["gan", "ddpm"])
+def test_the_epsilon_reported_is_opacus_accountants_for_the_same_settings(tmp_path, trainer):
+    for name, defense in (("sigma", DP_SIGMA), ("target", DP_TARGET)):
+        out = tmp_path / name
+        if trainer == "gan":
+            g, d = private_gan_models()
+            train_gan(g, d, tiny_members(), tiny_cfg(steps=6), out, "cpu", progress=False, defense=defense)
+        else:
+            train_ddpm(tiny_model_cfg(), ddpm_members(), out, "cpu", progress=False, defense=defense)
+        report = json.loads((out / "privacy.json").read_text())
+        assert report["sample_rate"] == 4 / 10 and report["private_steps"] == 6
+        assert report["delta"] == (1e-3 if name == "sigma" else 1 / (10 * 10))
+        expected = opacus_epsilon(report["noise_multiplier"], 0.4, 6, report["delta"])
+        assert report["epsilon"] == pytest.approx(expected, rel=1e-9)
+        if name == "sigma":
+            assert report["noise_multiplier"] == 1.1 and report["max_grad_norm"] == 0.5
+        else:  # the noise was solved so that the whole run spends (just under) the target
+            assert 4.5 <= report["epsilon"] <= 5.0
+
+
+@pytest.mark.parametrize("trainer", ["gan", "ddpm"])
+def test_a_private_run_resumes_bit_identically(tmp_path, trainer):
+    def run(out, stop_after=None, init_seed=0):
+        if trainer == "gan":
+            g, d = private_gan_models(init_seed)
+            return train_gan(g, d, tiny_members(), tiny_cfg(), out, "cpu", progress=False, stop_after=stop_after,
+                             defense=DP_SIGMA)
+        return train_ddpm(tiny_model_cfg(), ddpm_members(), out, "cpu", progress=False, stop_after=stop_after,
+                          defense=DP_SIGMA)
+
+    straight = run(tmp_path / "straight")
+    run(tmp_path / "resumed", stop_after=3)
+    assert json.loads((tmp_path / "resumed" / "privacy.json").read_text())["private_steps"] == 3
+    assert_same_weights(run(tmp_path / "resumed", init_seed=1), straight)
+
+
+def test_layers_without_per_sample_gradients_fail_with_opacus_explanation(tmp_path):
+    g, d = tiny_models()  # the DCGAN discriminator has BatchNorm
+    with pytest.raises(MiaGenError, match="(?s)Opacus says: BatchNorm.*DCGANDiscriminatorGroupNorm"):
+        train_gan(g, d, tiny_members(), tiny_cfg(), tmp_path / "bn", "cpu", progress=False, defense=DP_SIGMA)
+    g, d = tiny_models("wgan_gp")
+    with pytest.raises(MiaGenError, match="loss=dcgan"):
+        train_gan(g, d, tiny_members(), tiny_cfg("wgan_gp"), tmp_path / "gp", "cpu", progress=False, defense=DP_SIGMA)
+
+
+@pytest.mark.parametrize("cfg, message", [
+    ({"name": "dp_sgd", "target_epsilon": 1.0, "noise_multiplier": 1.0}, "exactly one of"),
+    ({"name": "dp_sgd", "target_epsilon": None, "noise_multiplier": None}, "exactly one of"),
+    ({"name": "dp_sgd", "target_epsilon": -1.0}, "positive number"),
+    ({"name": "dp_sgd", "target_epsilon": 1.0, "accountant": "moments"}, "accountant"),
+    ({"name": "dp_sgd", "target_epsilon": 1.0, "delta": 2.0}, r"\(0, 1\)"),
+])
+def test_bad_dp_settings_are_explained(cfg, message):
+    with pytest.raises(MiaGenError, match=message):
+        Defense.from_config(cfg)
+
+
+def test_a_delta_that_allows_publishing_a_record_is_refused(tmp_path):
+    g, d = private_gan_models()
+    defense = Defense.from_config({"name": "dp_sgd", "target_epsilon": 1.0, "delta": 0.5})
+    with pytest.raises(MiaGenError, match="not below 1/N"):
+        train_gan(g, d, tiny_members(), tiny_cfg(), tmp_path, "cpu", progress=False, defense=defense)

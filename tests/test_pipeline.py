@@ -408,3 +408,12 @@ def test_a_defense_is_part_of_the_models_identity_and_the_memorizer_refuses_one(
     cfg = make_config(MEMORIZER + ["defense=weight_decay"], tmp_path / "cache")
     with pytest.raises(MiaGenError, match="does not apply to the memorizer"):
         Pipeline(cfg, tmp_path / "c").run("train")
+
+
+def test_a_dp_trained_model_reports_the_epsilon_it_spent(tmp_path):
+    overrides = TINY_DCGAN + ["defense=dp_sgd", "defense.target_epsilon=8.0", "attack=[sample_distance]",
+                              "model.discriminator._target_=models.dcgan.DCGANDiscriminatorGroupNorm"]
+    Pipeline(make_config(overrides, tmp_path / "cache"), tmp_path / "run").run()
+    privacy = json.loads((tmp_path / "run" / "results.json").read_text())["metadata"]["privacy"]
+    assert privacy["mechanism"] == "dp_sgd" and 7.0 <= privacy["epsilon"] <= 8.0
+    assert privacy["private_steps"] == 20 and privacy["delta"] == 1 / (10 * 100)
