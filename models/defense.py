@@ -8,6 +8,8 @@ A defense is read from `configs/defense/<name>.yaml` (`Defense.from_config`, str
 - `dp_sgd`: DP-SGD with Opacus (`models/privacy.py`) on the network that sees the members (GAN:
   the discriminator, the generator learning only through it; DDPM: the UNet), for a target
   epsilon (with delta) or a given noise multiplier; the epsilon spent is written beside the model;
+- `federated`: FedAvg on Flower over `clients` disjoint shares of the members for `rounds` rounds
+  of `training.steps / rounds` local steps each (`models/federated.py`);
 - `augmentation`: every member batch is transformed on the fly before the model sees it: random
   horizontal flips, random crops after reflect-padding, and RandAugment-style ops (Cubuk et al.,
   2020: `randaugment_ops` ops per image drawn from brightness, contrast, translation, at
@@ -29,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mia_gen.errors import MiaGenError
 
-NAMES = ("none", "weight_decay", "augmentation", "dp_sgd")
+NAMES = ("none", "weight_decay", "augmentation", "dp_sgd", "federated")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 RANDAUGMENT_OPS = ("brightness", "contrast", "translate")
 
@@ -47,6 +49,8 @@ class Defense:
     noise_multiplier: float | None = None
     max_grad_norm: float = 1.0
     accountant: str = "rdp"
+    clients: int = 1
+    rounds: int = 1
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Defense":
@@ -60,7 +64,8 @@ class Defense:
                               "(configs/defense/).")
         allowed = {"none": set(), "weight_decay": {"weight_decay"},
                    "augmentation": {"hflip", "crop_padding", "randaugment_ops", "randaugment_magnitude"},
-                   "dp_sgd": {"target_epsilon", "delta", "noise_multiplier", "max_grad_norm", "accountant"}}[name]
+                   "dp_sgd": {"target_epsilon", "delta", "noise_multiplier", "max_grad_norm", "accountant"},
+                   "federated": {"clients", "rounds"}}[name]
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise MiaGenError(f"defense={name} has no setting(s) {unknown}; it takes {sorted(allowed) or 'none'}.")
@@ -82,6 +87,10 @@ class Defense:
         magnitude = self.randaugment_magnitude
         if isinstance(magnitude, bool) or not isinstance(magnitude, (int, float)) or not 0 <= magnitude <= 1:
             raise MiaGenError(f"defense.randaugment_magnitude must lie in [0, 1], got {magnitude!r}.")
+        for key in ("clients", "rounds"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise MiaGenError(f"defense.{key} must be a positive integer, got {value!r}.")
         if self.name == "dp_sgd":
             if (self.target_epsilon is None) == (self.noise_multiplier is None):
                 raise MiaGenError("defense=dp_sgd needs exactly one of target_epsilon (solve for the noise) and "

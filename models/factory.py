@@ -48,6 +48,9 @@ def train_model(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path, dev
             "use model=dcgan, wgan_gp or ddpm to measure a defense."
         )
     out_dir.mkdir(parents=True, exist_ok=True)
+    if defense.name == "federated" and family != "memorizer":
+        _train_federated(model_cfg, members, out_dir, device, defense)
+        return
     if family == "memorizer":
         if not (out_dir / "generator.json").is_file():  # written last: its presence means complete
             _save_memorizer(model_cfg, members, out_dir)
@@ -69,6 +72,40 @@ def train_model(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path, dev
     discriminator = instantiate(model_cfg.discriminator)
     train_gan(generator, discriminator, members, model_cfg.training, out_dir, device, progress=progress,
               defense=defense)
+
+
+def _train_federated(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path, device: torch.device,
+                     defense) -> None:
+    """FedAvg over `defense.clients` clients, each training with the model's own trainer (`models.federated`)."""
+    from models.defense import Defense
+    from models.federated import train_federated
+
+    steps, rounds = int(model_cfg.training.steps), int(defense.rounds)
+    if steps % rounds:
+        raise MiaGenError(
+            f"federated: training.steps={steps} is not a multiple of rounds={rounds}; each round trains "
+            "steps / rounds local steps. Change one of them."
+        )
+    init_state = torch.get_rng_state()  # every client starts from the weights pooled training would start from
+
+    def train(client_members: torch.Tensor, directory: Path, stop_after: int) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        if _family(model_cfg) == "diffusion":
+            from models.ddpm_trainer import train_ddpm
+
+            train_ddpm(model_cfg, client_members, directory, device, progress=False, stop_after=stop_after,
+                       defense=Defense())
+            return
+        from models.gan_trainer import train_gan
+
+        with torch.random.fork_rng(devices=[]):
+            torch.set_rng_state(init_state)
+            generator, discriminator = instantiate(model_cfg.generator), instantiate(model_cfg.discriminator)
+        train_gan(generator, discriminator, client_members, model_cfg.training, directory, device, progress=False,
+                  stop_after=stop_after, defense=Defense())
+
+    train_federated(members, out_dir, train, int(defense.clients), rounds, steps // rounds,
+                    int(model_cfg.training.seed))
 
 
 def load_generator(model_cfg: DictConfig, model_dir: Path, device: torch.device) -> torch.nn.Module:
