@@ -23,6 +23,7 @@ from mia_gen.datasets import load_dataset
 from mia_gen.device import resolve_device
 from mia_gen.errors import CorruptStoreError, MiaGenError, MissingAssetError
 from mia_gen.hashing import config_hash, files_fingerprint
+from mia_gen.locks import exclusive
 from mia_gen.sample_store import SampleStore, import_samples, write_samples
 from mia_gen.splits import load_or_make_split
 from models.factory import load_diffusion_denoiser, load_discriminator, load_generator, train_model
@@ -178,8 +179,9 @@ class Pipeline:
             return self.model_dir
         members = self.records.get(self.training_ids)
         log.info("train: %s on %d %s -> %s", self.cfg.model.name, len(members), self.training_role, self.model_dir)
-        train_model(self.cfg.model, members, self.model_dir, self.device, progress=self.progress,
-                    defense_cfg=self.cfg.get("defense"))
+        with exclusive(self.model_dir):  # parallel jobs needing this model train it once
+            train_model(self.cfg.model, members, self.model_dir, self.device, progress=self.progress,
+                        defense_cfg=self.cfg.get("defense"))
         return self.model_dir
 
     @cached_property
@@ -205,6 +207,10 @@ class Pipeline:
     def sample(self) -> SampleStore:
         if self.given_store:
             return SampleStore.open(self.sample_dir)
+        with exclusive(self.sample_dir):  # parallel jobs needing this store sample it once
+            return self._open_or_write_samples()
+
+    def _open_or_write_samples(self) -> SampleStore:
         try:
             store = SampleStore.open(self.sample_dir)
             log.info("sample: cached store %s (%d samples)", self.sample_dir, len(store))
@@ -459,8 +465,9 @@ class ReferencePipeline(Pipeline):
         members = self.records.get(self.training_ids)
         log.info("train: reference %s on %d reference records -> %s", self.cfg.model.name, len(members),
                  self.model_dir)
-        train_model(self.cfg.model, members, self.model_dir, self.device, progress=self.progress,
-                    defense_cfg=self.cfg.get("defense"))
+        with exclusive(self.model_dir):
+            train_model(self.cfg.model, members, self.model_dir, self.device, progress=self.progress,
+                        defense_cfg=self.cfg.get("defense"))
         return self.model_dir
 
     @cached_property

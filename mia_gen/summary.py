@@ -55,6 +55,7 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 "attack": entry["attack"], "auc": entry["auc"], "ci95": entry.get("ci95", {}).get("auc"),
                 "tpr_at_fpr": entry.get("tpr_at_fpr", {}), "group_auc": entry.get("group_auc"),
                 "n_members": entry.get("n_members"), "n_non_members": entry.get("n_non_members"),
+                "epsilon": (payload.get("metadata", {}).get("privacy") or {}).get("epsilon"),
             })
     if not rows:
         raise MiaGenError(f"no results.json under {sweep_dir}; run the sweep (`mia-gen -m ...`) first.")
@@ -100,12 +101,13 @@ def summarize(sweep_dir: str | Path, x: str | None = None) -> dict[str, Path]:
              "plot": sweep_dir / f"auc_vs_{x.replace('/', '_')}.png"}
     with open(paths["csv"], "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([x, "attack", "auc", "ci95_low", "ci95_high", "tpr_at_fpr", "group_auc", "job"])
+        writer.writerow([x, "attack", "auc", "ci95_low", "ci95_high", "tpr_at_fpr", "group_auc", "epsilon", "job"])
         for value in xs:
             for attack, row in table[value].items():
                 ci = row["ci95"] or [math.nan, math.nan]
                 writer.writerow([value, attack, row["auc"], ci[0], ci[1], json.dumps(row["tpr_at_fpr"]),
-                                 json.dumps(row["group_auc"]) if row["group_auc"] else "", row["job"]])
+                                 json.dumps(row["group_auc"]) if row["group_auc"] else "",
+                                 "" if row["epsilon"] is None else row["epsilon"], row["job"]])
 
     def cell(row):
         if row is None:
@@ -113,9 +115,15 @@ def summarize(sweep_dir: str | Path, x: str | None = None) -> dict[str, Path]:
         ci = row["ci95"]
         return f"{row['auc']:.3f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
-    lines = [f"# AUC against {x}", "", f"| {x} | " + " | ".join(attacks) + " |",
-             "|" + "---|" * (len(attacks) + 1)]
-    lines += [f"| {value} | " + " | ".join(cell(table[value].get(a)) for a in attacks) + " |" for value in xs]
+    def epsilon(value):  # the privacy a DP-trained model spent (same for every attack of a job)
+        spent = [row["epsilon"] for row in table[value].values() if row["epsilon"] is not None]
+        return f"{spent[0]:.2f}" if spent else "–"
+
+    with_epsilon = any(row["epsilon"] is not None for row in rows)
+    head = [x, *(["ε"] if with_epsilon else []), *attacks]
+    lines = [f"# AUC against {x}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += [f"| {value} | " + (f"{epsilon(value)} | " if with_epsilon else "")
+              + " | ".join(cell(table[value].get(a)) for a in attacks) + " |" for value in xs]
     grouped = [(value, a, table[value][a]["group_auc"]) for value in xs for a in attacks
                if a in table[value] and table[value][a]["group_auc"]]
     if grouped:

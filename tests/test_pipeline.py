@@ -417,3 +417,13 @@ def test_a_dp_trained_model_reports_the_epsilon_it_spent(tmp_path):
     privacy = json.loads((tmp_path / "run" / "results.json").read_text())["metadata"]["privacy"]
     assert privacy["mechanism"] == "dp_sgd" and 7.0 <= privacy["epsilon"] <= 8.0
     assert privacy["private_steps"] == 20 and privacy["delta"] == 1 / (10 * 100)
+
+
+def test_parallel_jobs_share_one_model_and_one_sample_store(tmp_path):
+    """Two jobs run at once (joblib); the model and store they both need are built once, then reused."""
+    result = run_cli(["-m", "hydra/launcher=parallel", *TINY_DCGAN, "attack=sample_distance",
+                      "attack.sample_distance.k=1,2", f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert len(list((tmp_path / "sweep").glob("*/results.json"))) == 2
+    assert len([p for p in (tmp_path / "cache" / "models").iterdir() if p.is_dir()]) == 1
+    assert len([p for p in (tmp_path / "cache" / "samples").iterdir() if p.is_dir()]) == 1
