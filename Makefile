@@ -32,6 +32,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_lpips.py
 	$(BIN)/python benchmarks/bench_sampling_memory.py
 	$(BIN)/python benchmarks/bench_diffusion_attacks.py
+	$(BIN)/python benchmarks/bench_inversion.py
+	$(BIN)/python benchmarks/bench_inversion.py --optimizer lbfgs --repeats 2
 
 clean-cache:
 	rm -rf .cache/mia-gen
