@@ -15,9 +15,10 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def exclusive(target: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `<target>.lock` (blocking) for the duration of the block."""
-    lock_path = Path(str(target) + ".lock")
+def exclusive(target: Path, lock_dir: Path) -> Iterator[None]:
+    """Hold an exclusive lock for `target` (`<lock_dir>/<parent>-<name>.lock`, blocking) during the block."""
+    target = Path(target)
+    lock_path = Path(lock_dir) / f"{target.parent.name}-{target.name}.lock"
     lock_path.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path, "a+") as handle:
         try:

@@ -179,7 +179,7 @@ class Pipeline:
             return self.model_dir
         members = self.records.get(self.training_ids)
         log.info("train: %s on %d %s -> %s", self.cfg.model.name, len(members), self.training_role, self.model_dir)
-        with exclusive(self.model_dir):  # parallel jobs needing this model train it once
+        with exclusive(self.model_dir, self.cache_dir / "locks"):  # parallel jobs needing this model train it once
             train_model(self.cfg.model, members, self.model_dir, self.device, progress=self.progress,
                         defense_cfg=self.cfg.get("defense"))
         return self.model_dir
@@ -207,7 +207,7 @@ class Pipeline:
     def sample(self) -> SampleStore:
         if self.given_store:
             return SampleStore.open(self.sample_dir)
-        with exclusive(self.sample_dir):  # parallel jobs needing this store sample it once
+        with exclusive(self.sample_dir, self.cache_dir / "locks"):  # parallel jobs needing this store sample it once
             return self._open_or_write_samples()
 
     def _open_or_write_samples(self) -> SampleStore:
@@ -465,7 +465,7 @@ class ReferencePipeline(Pipeline):
         members = self.records.get(self.training_ids)
         log.info("train: reference %s on %d reference records -> %s", self.cfg.model.name, len(members),
                  self.model_dir)
-        with exclusive(self.model_dir):
+        with exclusive(self.model_dir, self.cache_dir / "locks"):
             train_model(self.cfg.model, members, self.model_dir, self.device, progress=self.progress,
                         defense_cfg=self.cfg.get("defense"))
         return self.model_dir

@@ -162,8 +162,11 @@ def test_attack_errors_say_what_to_do(small_case):
 def test_every_attack_declares_its_access():
     assert {"sample_distance", "monte_carlo", "domias"} <= set(ATTACKS)
     for cls in ATTACKS.values():
-        assert isinstance(cls.access, Access)
+        # a fixed class attribute, or (calibration, logan) one that follows the settings
+        assert isinstance(cls().access, Access), cls
         assert "labels" not in AttackContext.__dataclass_fields__
+    assert build_attack("logan", {"mode": "black_box"}).access is Access.SAMPLES
+    assert build_attack("calibration", {"attack": "latent_inversion_pbb"}).access is Access.QUERY
 
 
 # ---- real signal -----------------------------------------------------------------------------
