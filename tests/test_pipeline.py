@@ -427,3 +427,17 @@ def test_parallel_jobs_share_one_model_and_one_sample_store(tmp_path):
     assert len(list((tmp_path / "sweep").glob("*/results.json"))) == 2
     assert len([p for p in (tmp_path / "cache" / "models").iterdir() if p.is_dir()]) == 1
     assert len([p for p in (tmp_path / "cache" / "samples").iterdir() if p.is_dir()]) == 1
+
+
+def test_a_failed_job_does_not_lose_the_others_and_a_rerun_only_finishes_what_is_missing(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ["-m", *MEMORIZER, "attack=sample_distance", f"hydra.sweep.dir={sweep}"]
+    failed = run_cli([*args, "split.n_members=5000,100"], tmp_path)
+    assert failed.returncode != 0 and "5000 members" in failed.stderr
+    assert not (sweep / "0" / "results.json").exists() and (sweep / "1" / "results.json").is_file()
+    scores = sorted((tmp_path / "cache" / "scores").iterdir())
+    rerun = run_cli([*args, "split.n_members=100", f"hydra.sweep.dir={tmp_path / 'rerun'}"], tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert sorted((tmp_path / "cache" / "scores").iterdir()) == scores  # nothing was scored again
+    log = (tmp_path / "rerun" / "0" / "mia-gen.log").read_text()
+    assert "cached scores" in log and "cached store" in log and "train:" not in log
