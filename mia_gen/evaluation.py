@@ -132,19 +132,19 @@ def write_outputs(pipeline, scored: dict[str, dict]) -> list[dict]:
         images[f"Most exposed records and their nearest samples ({name})"] = "nearest_neighbours.png"
     write_report(run_dir, results, metadata, images)
 
-    _track(pipeline, results, curves, images)
+    _track(pipeline, results, curves, images, metadata)
     print(format_results_table(results))
     log.info("outputs in %s", run_dir)
     return results
 
 
-def _track(pipeline, results: list[dict], curves: dict, images: dict[str, str]) -> None:
+def _track(pipeline, results: list[dict], curves: dict, images: dict[str, str], metadata: dict) -> None:
     cfg, run_dir = pipeline.cfg, pipeline.run_dir
     config = OmegaConf.to_container(cfg, resolve=True)
     tracker = make_tracker(cfg.logger, run_dir, config, job_name=run_dir.name)
     try:
         summary = {"config_hash": pipeline.config_hash}
-        privacy = pipeline.metadata().get("privacy")
+        privacy = metadata.get("privacy")
         if privacy:  # the epsilon a DP-trained model spent
             summary["privacy"] = privacy
         for result in results:

@@ -139,6 +139,24 @@ def _histogram_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figur
     return figure
 
 
+def _auc_lines(series: Mapping[str, Mapping[str, float]], path, xlabel: str, title: str, log2_x: bool = False) -> Path:
+    """AUC against an integer setting, one line per attack (`{attack: {str(x): auc}}`), with chance."""
+    figure = Figure(figsize=(5.5, 3.8), layout="constrained")
+    ax = figure.subplots()
+    for name, by_x in series.items():
+        points = sorted((int(x), float(value)) for x, value in by_x.items())
+        ax.plot([x for x, _ in points], [v for _, v in points], marker="o", label=name)
+    if log2_x:
+        ax.set_xscale("log", base=2)
+    ax.axhline(0.5, color="gray", linestyle="--", label="chance")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("AUC")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(figure, path)
+
+
 def plot_timestep_sweep(sweeps: Mapping[str, Mapping[str, float]], path) -> Path:
     """AUC against the diffusion timestep t, one line per attack, with the chance level.
 
@@ -148,18 +166,7 @@ def plot_timestep_sweep(sweeps: Mapping[str, Mapping[str, float]], path) -> Path
     """
     if not sweeps:
         raise MiaGenError("No timestep sweep to plot: pass {attack_name: {t: auc}}.")
-    figure = Figure(figsize=(5.5, 3.8), layout="constrained")
-    ax = figure.subplots()
-    for name, by_t in sweeps.items():
-        points = sorted((int(t), float(value)) for t, value in by_t.items())
-        ax.plot([t for t, _ in points], [v for _, v in points], marker="o", label=name)
-    ax.axhline(0.5, color="gray", linestyle="--", label="chance")
-    ax.set_xlabel("timestep t")
-    ax.set_ylabel("AUC")
-    ax.set_title("AUC against the diffusion timestep")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    return _save(figure, path)
+    return _auc_lines(sweeps, path, "timestep t", "AUC against the diffusion timestep")
 
 
 def plot_group_auc(groups: Mapping[str, Mapping[str, float]], path) -> Path:
@@ -171,19 +178,8 @@ def plot_group_auc(groups: Mapping[str, Mapping[str, float]], path) -> Path:
     """
     if not groups:
         raise MiaGenError("No group AUCs to plot: pass {attack_name: {n: auc}}.")
-    figure = Figure(figsize=(5.5, 3.8), layout="constrained")
-    ax = figure.subplots()
-    for name, by_n in groups.items():
-        points = sorted((int(n), float(value)) for n, value in by_n.items())
-        ax.plot([n for n, _ in points], [v for _, v in points], marker="o", label=name)
-    ax.set_xscale("log", base=2)
-    ax.axhline(0.5, color="gray", linestyle="--", label="chance")
-    ax.set_xlabel("targets decided together (n)")
-    ax.set_ylabel("AUC")
-    ax.set_title("Co-membership: AUC against group size")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize="small")
-    return _save(figure, path)
+    return _auc_lines(groups, path, "targets decided together (n)", "Co-membership: AUC against group size",
+                      log2_x=True)
 
 
 def _to_display(images: np.ndarray, what: str) -> np.ndarray:
