@@ -80,12 +80,16 @@ class RecordSet:
             tabular records as `float32` `torch.Tensor` of shape `(N, D)`.
         fingerprint: sha256 of the stored array (`mia_gen.hashing.array_fingerprint`), which
             split files record so that a split is never applied to different data.
+        labels: class labels `(N,)` int64 where the dataset has them (digits, MNIST, Fashion-MNIST,
+            CIFAR-10, an ImageFolder's sub-folders), else None. No attack sees them; the offline
+            utility metric trains its feature classifier on them (`mia_gen/utility.py`).
     """
 
     name: str
     kind: str
     data: torch.Tensor
     fingerprint: str
+    labels: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.kind == IMAGE:
@@ -104,12 +108,19 @@ class RecordSet:
                 )
         else:
             raise MiaGenError(f"RecordSet kind must be 'image' or 'tabular', got '{self.kind}'.")
+        if self.labels is not None and (self.labels.ndim != 1 or len(self.labels) != len(self.data)):
+            raise MiaGenError(f"RecordSet '{self.name}': labels must be one per record, got shape "
+                              f"{tuple(self.labels.shape)} for {len(self.data)} records.")
 
     @classmethod
-    def from_tensor(cls, name: str, kind: str, data: torch.Tensor) -> RecordSet:
-        """Wrap stored data (uint8 `(N, C, H, W)` images or float32 `(N, D)` records) and fingerprint it."""
+    def from_tensor(cls, name: str, kind: str, data: torch.Tensor, labels=None) -> RecordSet:
+        """Wrap stored data (uint8 `(N, C, H, W)` images or float32 `(N, D)` records) and fingerprint it
+        (the fingerprint covers the data only; `labels`, if any, are one int per record)."""
         data = data.detach().cpu().contiguous()
-        return cls(name=name, kind=kind, data=data, fingerprint=array_fingerprint(data.numpy(), kind))
+        if labels is not None:
+            labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+        return cls(name=name, kind=kind, data=data, fingerprint=array_fingerprint(data.numpy(), kind),
+                   labels=labels)
 
     def __len__(self) -> int:
         return int(self.data.shape[0])
@@ -175,16 +186,17 @@ def load_dataset(cfg: Any) -> RecordSet:
     options = _read_config(cfg)
     name = options["name"]
     if name == "digits":
-        images = _load_digits()
+        images, labels = _load_digits()
     elif name in TORCHVISION_DATASETS:
-        images = _load_torchvision(name, options)
+        images, labels = _load_torchvision(name, options)
     elif name == "image_folder":
-        images = _load_image_folder(options)
+        images, labels = _load_image_folder(options)
     else:
         return _load_array(options)
     images = images[: options["max_records"]]  # slicing with None keeps all
+    labels = None if labels is None else labels[: len(images)]
     images = _resize_images(images, options["channels"], options["resolution"])
-    return RecordSet.from_tensor(name, IMAGE, images)
+    return RecordSet.from_tensor(name, IMAGE, images, labels)
 
 
 def _read_config(cfg: Any) -> dict[str, Any]:
@@ -239,16 +251,18 @@ def _read_config(cfg: Any) -> dict[str, Any]:
     return options
 
 
-def _load_digits() -> torch.Tensor:
-    """sklearn's bundled 8x8 digits (1,797 records, values 0..16) as uint8 `(N, 1, 8, 8)` in 0..255."""
+def _load_digits() -> tuple[torch.Tensor, np.ndarray]:
+    """sklearn's bundled 8x8 digits (1,797 records, values 0..16) as uint8 `(N, 1, 8, 8)` in 0..255,
+    and their digit labels."""
     from sklearn.datasets import load_digits
 
-    images = load_digits().images  # (1797, 8, 8) float64 in 0..16
-    return torch.from_numpy(np.rint(images * (255.0 / 16.0)).astype(np.uint8)[:, None])
+    digits = load_digits()  # images (1797, 8, 8) float64 in 0..16
+    return torch.from_numpy(np.rint(digits.images * (255.0 / 16.0)).astype(np.uint8)[:, None]), digits.target
 
 
-def _load_torchvision(name: str, options: dict[str, Any]) -> torch.Tensor:
-    """A torchvision dataset as uint8 `(N, C, H, W)`; missing files become MissingAssetError."""
+def _load_torchvision(name: str, options: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray | None]:
+    """A torchvision dataset as uint8 `(N, C, H, W)` and its class labels (None for CelebA); missing
+    files become MissingAssetError."""
     from torchvision import datasets
 
     root = os.path.expanduser(str(options["root"]))
@@ -275,14 +289,15 @@ def _load_torchvision(name: str, options: dict[str, Any]) -> torch.Tensor:
         count = len(celeba) if limit is None else min(limit, len(celeba))
         # A generator, so that only one full-size face is held at a time (CelebA is 200k images).
         faces = (_center_crop(_pil_to_uint8(celeba[i][0]), CELEBA_CROP) for i in range(count))
-        return _stack([_prepare(face, options) for face in faces], root)
+        return _stack([_prepare(face, options) for face in faces], root), None
+    labels = np.concatenate([np.asarray(source.targets) for source in sources])
     if name == "cifar10":  # numpy (N, 32, 32, 3)
-        return torch.cat([torch.from_numpy(source.data.transpose(0, 3, 1, 2).copy()) for source in sources])
-    return torch.cat([source.data[:, None] for source in sources])  # uint8 tensors (N, 28, 28)
+        return torch.cat([torch.from_numpy(source.data.transpose(0, 3, 1, 2).copy()) for source in sources]), labels
+    return torch.cat([source.data[:, None] for source in sources]), labels  # uint8 tensors (N, 28, 28)
 
 
-def _load_image_folder(options: dict[str, Any]) -> torch.Tensor:
-    """Images under `root/<class>/<file>` in ImageFolder's sorted order (labels ignored)."""
+def _load_image_folder(options: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray]:
+    """Images under `root/<class>/<file>` in ImageFolder's sorted order, and their sub-folder index."""
     from PIL import Image, UnidentifiedImageError
     from torchvision.datasets import ImageFolder
 
@@ -300,8 +315,9 @@ def _load_image_folder(options: dict[str, Any]) -> torch.Tensor:
             "sub-folders: <root>/<class>/<image>.png|jpg; put them in e.g. <root>/all/."
         ) from error
     paths = [path for path, _ in folder.samples]
+    labels = np.asarray([label for _, label in folder.samples], dtype=np.int64)
     if options["max_records"] is not None:
-        paths = paths[: options["max_records"]]
+        paths, labels = paths[: options["max_records"]], labels[: options["max_records"]]
     images = []
     for path in paths:
         try:
@@ -309,7 +325,7 @@ def _load_image_folder(options: dict[str, Any]) -> torch.Tensor:
                 images.append(_prepare(_pil_to_uint8(image, path), options))
         except (UnidentifiedImageError, OSError) as error:
             raise MiaGenError(f"Cannot read image {path!r} ({error}); remove or replace the file.") from error
-    return _stack(images, root)
+    return _stack(images, root), labels
 
 
 def _load_array(options: dict[str, Any]) -> RecordSet:

@@ -84,6 +84,17 @@ def test_digits_rgb_and_max_records(digits):
         assert torch.equal(rgb.data[:, channel], digits.data[:10, 0])
 
 
+def test_digits_carry_sklearns_labels_which_do_not_change_the_fingerprint(digits):
+    from sklearn.datasets import load_digits
+
+    assert digits.labels.tolist() == load_digits().target.tolist()
+    assert load_dataset({"name": "digits", "max_records": 7}).labels.tolist() == load_digits().target[:7].tolist()
+    unlabelled = RecordSet.from_tensor("digits", "image", digits.data)
+    assert unlabelled.labels is None and unlabelled.fingerprint == digits.fingerprint
+    with pytest.raises(MiaGenError, match="one per record"):
+        RecordSet.from_tensor("digits", "image", digits.data, labels=np.zeros(3))
+
+
 def test_get_checks_indices(digits):
     torch.testing.assert_close(digits.get([5, 5, 2]), digits.data[[5, 5, 2]].float() / 127.5 - 1)
     with pytest.raises(MiaGenError, match=r"\[1797\].*outside"):
@@ -261,6 +272,7 @@ def test_image_folder_order_values_and_resize(tmp_path):
     assert records.record_shape == (3, 10, 10)
     np.testing.assert_array_equal(records.data[0].numpy(), square.transpose(2, 0, 1))  # a/ sorts first
     np.testing.assert_array_equal(records.data[1].numpy(), wide[:, 2:12].transpose(2, 0, 1))  # centre crop
+    assert records.labels.tolist() == [0, 1]  # the sub-folder index, as ImageFolder's targets
 
     resized = load_dataset({"name": "image_folder", "root": str(tmp_path), "resolution": 6, "channels": 3})
     reference = pil_resize(wide[:, 2:12].transpose(2, 0, 1), 6).astype(int)
