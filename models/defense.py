@@ -10,6 +10,11 @@ A defense is read from `configs/defense/<name>.yaml` (`Defense.from_config`, str
   epsilon (with delta) or a given noise multiplier; the epsilon spent is written beside the model;
 - `federated`: FedAvg on Flower over `clients` disjoint shares of the members for `rounds` rounds
   of `training.steps / rounds` local steps each (`models/federated.py`);
+- `early_stopping`: release the model as it was after `steps` training steps (or `fraction` of
+  `model.training.steps`) instead of at the end. `effective_training` maps it onto the undefended
+  model trained for that many steps, so it shares that model's cache and a sweep of stopping points
+  (`defense.fraction=0.125,0.25,0.5`) reads AUC against training steps off one training lineage
+  (the pipeline resumes a longer run from a shorter one; `mia_gen/pipeline.py`);
 - `augmentation`: every member batch is transformed on the fly before the model sees it: random
   horizontal flips, random crops after reflect-padding, and RandAugment-style ops (Cubuk et al.,
   2020: `randaugment_ops` ops per image drawn from brightness, contrast, translation, at
@@ -31,7 +36,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mia_gen.errors import MiaGenError
 
-NAMES = ("none", "weight_decay", "augmentation", "dp_sgd", "federated")
+NAMES = ("none", "weight_decay", "augmentation", "dp_sgd", "federated", "early_stopping")
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 RANDAUGMENT_OPS = ("brightness", "contrast", "translate")
 
@@ -51,6 +56,8 @@ class Defense:
     accountant: str = "rdp"
     clients: int = 1
     rounds: int = 1
+    steps: int | None = None
+    fraction: float | None = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> "Defense":
@@ -65,7 +72,7 @@ class Defense:
         allowed = {"none": set(), "weight_decay": {"weight_decay"},
                    "augmentation": {"hflip", "crop_padding", "randaugment_ops", "randaugment_magnitude"},
                    "dp_sgd": {"target_epsilon", "delta", "noise_multiplier", "max_grad_norm", "accountant"},
-                   "federated": {"clients", "rounds"}}[name]
+                   "federated": {"clients", "rounds"}, "early_stopping": {"steps", "fraction"}}[name]
         unknown = sorted(set(raw) - allowed)
         if unknown:
             raise MiaGenError(f"defense={name} has no setting(s) {unknown}; it takes {sorted(allowed) or 'none'}.")
@@ -104,6 +111,44 @@ class Defense:
                 raise MiaGenError(f"defense.delta must lie in (0, 1) (or null: 1/(10 N)), got {self.delta!r}.")
             if self.accountant not in ACCOUNTANTS:
                 raise MiaGenError(f"defense.accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}.")
+        if self.name == "early_stopping":
+            if self.steps is None and self.fraction is None:
+                raise MiaGenError("defense=early_stopping needs steps (stop after that many training steps) or "
+                                  "fraction (of model.training.steps).")
+            if self.steps is not None and (isinstance(self.steps, bool) or not isinstance(self.steps, int)
+                                           or self.steps < 1):
+                raise MiaGenError(f"defense.steps must be a positive integer, got {self.steps!r}.")
+            if self.fraction is not None and (isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float))
+                                              or not 0 < self.fraction <= 1):
+                raise MiaGenError(f"defense.fraction must lie in (0, 1], got {self.fraction!r}.")
+
+    def stop_step(self, planned_steps: int) -> int:
+        """The training step an early-stopped model is released at, for a run planned for `planned_steps`
+        (`steps` when set, else `fraction` of the planned steps)."""
+        stop = self.steps if self.steps is not None else max(1, round(self.fraction * planned_steps))
+        if stop > planned_steps:
+            raise MiaGenError(f"defense.steps={stop} is beyond model.training.steps={planned_steps}: early stopping "
+                              "can only release an earlier checkpoint; lower defense.steps or use defense.fraction.")
+        return stop
+
+    @property
+    def strength(self) -> str:
+        """The defense's strength as one short label for tables ("" when it has none)."""
+        if self.name == "weight_decay":
+            return f"λ={self.weight_decay:g}"
+        if self.name == "augmentation":
+            parts = (["flip"] if self.hflip else []) + ([f"crop{self.crop_padding}"] if self.crop_padding else [])
+            if self.randaugment_ops:
+                parts.append(f"RA{self.randaugment_ops}x{self.randaugment_magnitude:g}")
+            return "+".join(parts)
+        if self.name == "dp_sgd":
+            return (f"target ε={self.target_epsilon:g}" if self.target_epsilon is not None
+                    else f"σ={self.noise_multiplier:g}") + f", C={self.max_grad_norm:g}"
+        if self.name == "federated":
+            return f"K={self.clients}, {self.rounds} rounds"
+        if self.name == "early_stopping":
+            return f"{self.steps} steps" if self.steps is not None else f"{self.fraction:g} of training"
+        return ""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -135,6 +180,22 @@ class Defense:
         if self.randaugment_ops > 0:
             x = randaugment(x, self.randaugment_ops, float(self.randaugment_magnitude), rng)
         return x.clamp(-1, 1)
+
+
+def effective_training(model_cfg: Any, defense_cfg: Any) -> tuple[Any, Any]:
+    """The (model, defense) configs a trainer actually runs: early stopping at step S is the undefended
+    model trained for S steps (constant learning rate after warm-up, so S steps of a longer run and a run
+    of S steps are the same model). Every other defense is returned as is."""
+    defense = Defense.from_config(defense_cfg)
+    if defense.name != "early_stopping":
+        return model_cfg, defense_cfg
+    training = model_cfg.get("training") if model_cfg is not None else None
+    if not training or "steps" not in training:
+        raise MiaGenError("defense=early_stopping needs a model trained here (model.training.steps); a given "
+                          "checkpoint (model.checkpoint) cannot be stopped earlier.")
+    model = OmegaConf.create(OmegaConf.to_container(model_cfg, resolve=True))
+    model.training.steps = defense.stop_step(int(training.steps))
+    return model, OmegaConf.create({"name": "none"})
 
 
 def random_crop(x: torch.Tensor, padding: int, rng: torch.Generator) -> torch.Tensor:

@@ -38,8 +38,9 @@ def train_model(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path, dev
     members (`torch.Tensor` of shape `(N, C, H, W)`, in [-1, 1]). defense_cfg: `cfg.defense`
     (`models.defense`), applied by the trainer.
     """
-    from models.defense import Defense
+    from models.defense import Defense, effective_training
 
+    model_cfg, defense_cfg = effective_training(model_cfg, defense_cfg)
     defense = Defense.from_config(defense_cfg)
     family = _family(model_cfg)
     if family == "memorizer" and defense.name != "none":

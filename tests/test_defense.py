@@ -30,10 +30,43 @@ DECAY = Defense.from_config({"name": "weight_decay", "weight_decay": 0.5})
     ({"name": "augmentation", "crop_padding": 1.5}, "crop_padding must be an integer"),
     ({"name": "augmentation", "randaugment_ops": 4}, "at most 3"),
     ({"name": "augmentation", "randaugment_magnitude": 2}, r"in \[0, 1\]"),
+    ({"name": "early_stopping", "steps": None, "fraction": None}, "needs steps"),
+    ({"name": "early_stopping", "fraction": 1.5}, r"in \(0, 1\]"),
+    ({"name": "early_stopping", "steps": 0}, "positive integer"),
 ])
 def test_bad_defense_settings_say_what_is_allowed(cfg, message):
     with pytest.raises(MiaGenError, match=message):
         Defense.from_config(cfg)
+
+
+def test_early_stopping_trains_the_undefended_model_for_fewer_steps():
+    from omegaconf import OmegaConf
+
+    from models.defense import effective_training
+
+    model = OmegaConf.create({"name": "dcgan", "training": {"steps": 2000, "lr_g": 2e-4}})
+    for defense, steps in (({"name": "early_stopping", "fraction": 0.25}, 500),
+                           ({"name": "early_stopping", "fraction": 0.25, "steps": 300}, 300)):  # steps wins
+        trained, trained_defense = effective_training(model, defense)
+        assert trained.training.steps == steps and trained.training.lr_g == 2e-4
+        assert Defense.from_config(trained_defense).name == "none" and model.training.steps == 2000
+    assert effective_training(model, {"name": "weight_decay", "weight_decay": 0.1})[0] is model
+    with pytest.raises(MiaGenError, match="beyond model.training.steps"):
+        effective_training(model, {"name": "early_stopping", "steps": 2001})
+
+
+@pytest.mark.parametrize("cfg, label", [
+    ({"name": "none"}, ""),
+    ({"name": "weight_decay", "weight_decay": 0.001}, "λ=0.001"),
+    ({"name": "augmentation", "hflip": True, "crop_padding": 2, "randaugment_ops": 2, "randaugment_magnitude": 0.5},
+     "flip+crop2+RA2x0.5"),
+    ({"name": "dp_sgd", "target_epsilon": 10.0}, "target ε=10, C=1"),
+    ({"name": "dp_sgd", "target_epsilon": None, "noise_multiplier": 1.5}, "σ=1.5, C=1"),
+    ({"name": "federated", "clients": 4, "rounds": 10}, "K=4, 10 rounds"),
+    ({"name": "early_stopping", "steps": 500}, "500 steps"),
+])
+def test_each_defense_names_its_strength_for_the_tables(cfg, label):
+    assert Defense.from_config(cfg).strength == label
 
 
 def test_no_defense_leaves_the_batch_and_the_random_stream_alone():
