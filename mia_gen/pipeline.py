@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from functools import cached_property
 from pathlib import Path
@@ -26,11 +27,18 @@ from mia_gen.hashing import config_hash, files_fingerprint
 from mia_gen.locks import exclusive
 from mia_gen.sample_store import SampleStore, import_samples, write_samples
 from mia_gen.splits import load_or_make_split
+from models.checkpoint import STATE_JSON
+from models.defense import Defense, effective_training
 from models.factory import load_diffusion_denoiser, load_discriminator, load_generator, train_model
 
 log = logging.getLogger(__name__)
 
 STAGES = ("train", "sample", "attack", "evaluate")
+# Defenses under which a run of S steps is the first S steps of a longer run (nothing depends on the
+# planned length), so a longer run may resume from a finished shorter one. Not DP-SGD (its noise is
+# solved for the whole run) nor federated (its rounds split the planned steps).
+EXTENDABLE_DEFENSES = ("none", "weight_decay", "augmentation")
+LINEAGE_JSON = "lineage.json"
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
@@ -117,10 +125,81 @@ class Pipeline:
             if not files:
                 load_generator(self.cfg.model, self.model_dir, self.device)  # raises with the fix
             return config_hash({"checkpoint": files_fingerprint(files), "model": loading})
+        model, defense = self.trained_as
         return config_hash({
             "data": self.cfg.data, "fingerprint": self.records.fingerprint, "split": self.split_key,
-            "model": self.cfg.model, "defense": self.cfg.defense,
+            "model": model, "defense": defense,
         })
+
+    @cached_property
+    def trained_as(self) -> tuple[DictConfig, DictConfig]:
+        """The (model, defense) configs the trainer runs: early stopping becomes the undefended model
+        trained for fewer steps (`models.defense.effective_training`)."""
+        defense = self.cfg.get("defense")
+        if self.cfg.model.get("checkpoint") and Defense.from_config(defense).name != "none":
+            raise MiaGenError(
+                f"defense={Defense.from_config(defense).name} is applied while training, but model.checkpoint="
+                f"{self.cfg.model.checkpoint} is a model trained elsewhere; use defense=none to attack it, or "
+                "drop model.checkpoint to train the defended model here."
+            )
+        return effective_training(self.cfg.model, defense)
+
+    @property
+    def defense(self) -> Defense:
+        """The defense as configured (early stopping included), for results and tables."""
+        return Defense.from_config(self.cfg.get("defense"))
+
+    def lineage_key(self) -> str | None:
+        """Runs that differ only in their number of training steps share a lineage: a longer one can
+        resume from a finished shorter one. None where that does not hold (see EXTENDABLE_DEFENSES)."""
+        model, defense = self.trained_as
+        training = model.get("training")
+        if (self.cfg.model.get("checkpoint") or not training or "steps" not in training
+                or Defense.from_config(defense).name not in EXTENDABLE_DEFENSES):
+            return None
+        model = OmegaConf.to_container(model, resolve=True)
+        for key in ("steps", "checkpoint_every", "sample_every"):
+            model["training"].pop(key, None)
+        return config_hash({"data": self.cfg.data, "fingerprint": self.records.fingerprint,
+                            "training_ids": self.training_ids.tolist(), "model": model, "defense": defense})
+
+    def start_from_shorter_run(self) -> None:
+        """Before training from scratch, copy the longest finished run of the same lineage with fewer
+        steps into the model directory: the trainer then resumes it (bit-identical to a fresh run, as
+        resuming after a crash is), so a sweep of training lengths costs only its longest run."""
+        lineage = self.lineage_key()
+        if lineage is None or (self.model_dir / STATE_JSON).is_file():
+            return
+        steps = int(self.trained_as[0].training.steps)
+        shorter = []
+        for path in self.model_dir.parent.glob(f"*/{LINEAGE_JSON}"):
+            try:
+                entry = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if entry.get("lineage") == lineage and entry.get("steps", steps) < steps:
+                shorter.append((entry["steps"], path.parent))
+        if not shorter:
+            return
+        done, source = max(shorter)
+        log.info("train: resuming from the finished %d-step run %s (same model, same data)", done, source.name)
+        tmp = self.model_dir.with_name(f".{self.model_dir.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(LINEAGE_JSON))
+        shutil.rmtree(self.model_dir, ignore_errors=True)  # nothing in it: no checkpoint was written yet
+        os.replace(tmp, self.model_dir)
+
+    def _train_locked(self) -> None:
+        """Train (or resume, or find finished) the model under the stage lock, extending a shorter run."""
+        members = self.records.get(self.training_ids)
+        model, defense = self.trained_as
+        with exclusive(self.model_dir, self.cache_dir / "locks"):  # parallel jobs needing this model train it once
+            self.start_from_shorter_run()
+            train_model(model, members, self.model_dir, self.device, progress=self.progress, defense_cfg=defense)
+            lineage = self.lineage_key()
+            if lineage is not None:
+                _write_json_atomic(self.model_dir / LINEAGE_JSON,
+                                   {"lineage": lineage, "steps": int(model.training.steps)})
 
     @property
     def given_store(self) -> str | None:
@@ -177,11 +256,9 @@ class Pipeline:
         if self.cfg.model.get("checkpoint"):
             log.info("train: using the trained model at %s", self.model_dir)
             return self.model_dir
-        members = self.records.get(self.training_ids)
-        log.info("train: %s on %d %s -> %s", self.cfg.model.name, len(members), self.training_role, self.model_dir)
-        with exclusive(self.model_dir, self.cache_dir / "locks"):  # parallel jobs needing this model train it once
-            train_model(self.cfg.model, members, self.model_dir, self.device, progress=self.progress,
-                        defense_cfg=self.cfg.get("defense"))
+        log.info("train: %s on %d %s -> %s", self.cfg.model.name, len(self.training_ids), self.training_role,
+                 self.model_dir)
+        self._train_locked()
         return self.model_dir
 
     @cached_property
@@ -349,6 +426,27 @@ class Pipeline:
             scored[name] = entry
         return scored
 
+    # ---- utility ------------------------------------------------------------------------
+    def utility(self) -> dict | None:
+        """The samples' utility (`mia_gen/utility.py`), cached by the sample store and utility config;
+        draws the samples if no attack did. None when `utility.metric` resolves to none."""
+        from mia_gen.utility import UtilityConfig, choose_metric, measure_utility
+
+        config = UtilityConfig.from_config(self.cfg.get("utility"))
+        metric = choose_metric(config, self.records)
+        if metric == "none":
+            return measure_utility(self.records, None, config, self.cache_dir, self.device, int(self.cfg.seed))
+        path = self.cache_dir / "utility" / (
+            f"{metric}-" + config_hash({"sample": self.sample_key, "data": self.records.fingerprint,
+                                        "config": config.__dict__, "metric": metric, "seed": int(self.cfg.seed)})
+            + ".json")
+        if path.is_file():
+            return json.loads(path.read_text())
+        result = measure_utility(self.records, self.samples, config, self.cache_dir, self.device, int(self.cfg.seed))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_json_atomic(path, result)
+        return result
+
     # ---- evaluate -----------------------------------------------------------------------
     def metadata(self) -> dict:
         meta = {
@@ -363,6 +461,16 @@ class Pipeline:
                       "n_reference": len(self.split.reference), "seed": self.split.seed},
             "seed": int(self.cfg.seed), "device": str(self.device),
         }
+        if self.synthetic_path is None:
+            defense = self.defense
+            meta["defense"] = {"name": defense.name, "strength": defense.strength,
+                               "config": OmegaConf.to_container(self.cfg.get("defense") or {"name": "none"},
+                                                                resolve=True)}
+            if self.cfg.model.get("training") and not self.cfg.model.get("checkpoint"):
+                meta["training_steps"] = int(self.trained_as[0].training.steps)
+        utility = self.utility()
+        if utility is not None:
+            meta["utility"] = utility
         if self.synthetic_path is None and isinstance(self.model_dir, Path):
             from models.privacy import read_privacy_report
 
@@ -453,21 +561,21 @@ class ReferencePipeline(Pipeline):
         if self.checkpoint is not None:
             files = [*self.model_dir.rglob("*.safetensors"), *self.model_dir.rglob("*.json")]
             return config_hash({"reference_checkpoint": files_fingerprint(files)})
+        model, defense = self.trained_as
         return config_hash({
             "data": self.cfg.data, "fingerprint": self.records.fingerprint,
-            "reference_records": self.training_ids.tolist(),
-            "model": self.cfg.model, "defense": self.cfg.defense,
+            "reference_records": self.training_ids.tolist(), "model": model, "defense": defense,
         })
+
+    def lineage_key(self) -> str | None:
+        return None if self.checkpoint is not None else super().lineage_key()
 
     def train(self) -> Path:
         if self.checkpoint is not None:
             return self.model_dir
-        members = self.records.get(self.training_ids)
-        log.info("train: reference %s on %d reference records -> %s", self.cfg.model.name, len(members),
+        log.info("train: reference %s on %d reference records -> %s", self.cfg.model.name, len(self.training_ids),
                  self.model_dir)
-        with exclusive(self.model_dir, self.cache_dir / "locks"):
-            train_model(self.cfg.model, members, self.model_dir, self.device, progress=self.progress,
-                        defense_cfg=self.cfg.get("defense"))
+        self._train_locked()
         return self.model_dir
 
     @cached_property

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 import mia_gen.pipeline as pipeline_module
@@ -24,6 +25,7 @@ FAST = [
     "logger=none", "progress=false", "device=cpu",
     "split.n_members=100", "split.n_non_members=100", "split.n_reference=400",
     "sampling.n_samples=3000", "sampling.shard_size=1000", "evaluation.n_bootstrap=200",
+    "utility.metric=none",  # tests of utility say so; it trains a feature classifier per cache
 ]
 MEMORIZER = FAST + ["model=memorizer"]
 TINY_DCGAN = FAST + [
@@ -441,3 +443,45 @@ def test_a_failed_job_does_not_lose_the_others_and_a_rerun_only_finishes_what_is
     assert sorted((tmp_path / "cache" / "scores").iterdir()) == scores  # nothing was scored again
     log = (tmp_path / "rerun" / "0" / "mia-gen.log").read_text()
     assert "cached scores" in log and "cached store" in log and "train:" not in log
+
+
+def test_early_stopping_is_the_undefended_model_trained_for_fewer_steps(tmp_path):
+    overrides = [*TINY_DCGAN, "attack=[sample_distance]", "utility.metric=fid_classifier",
+                 "utility.classifier_epochs=2", "utility.n_samples=200"]
+    stopped = Pipeline(make_config([*overrides, "defense=early_stopping", "defense.fraction=0.5"], tmp_path / "cache"),
+                       tmp_path / "stopped")
+    short = Pipeline(make_config([*overrides, "model.training.steps=10"], tmp_path / "cache"), tmp_path / "short")
+    assert stopped.train_key == short.train_key and stopped.model_dir == short.model_dir  # one cached model
+    stopped.run()
+    state = json.loads((stopped.model_dir / "trainer_state.json").read_text())
+    assert state["step"] == 10 and state["complete"]
+    meta = json.loads((tmp_path / "stopped" / "results.json").read_text())["metadata"]
+    assert meta["defense"]["name"] == "early_stopping" and meta["defense"]["strength"] == "0.5 of training"
+    assert meta["training_steps"] == 10
+    assert meta["utility"]["metric"] == "fid_classifier" and meta["utility"]["n_samples"] == 200
+    assert meta["utility"]["value"] > 0 and "fallback" in meta["utility"]["label"]
+    short.run()  # the same model and samples: the same utility, read from the cache
+    assert json.loads((tmp_path / "short" / "results.json").read_text())["metadata"]["utility"] == meta["utility"]
+    cfg = make_config([*overrides, "defense=early_stopping", "defense.steps=50"], tmp_path / "cache")
+    with pytest.raises(MiaGenError, match="beyond model.training.steps=20"):
+        Pipeline(cfg, tmp_path / "beyond").run("train")
+
+
+def test_a_longer_run_resumes_from_a_finished_shorter_one_bit_identically(tmp_path, caplog):
+    from safetensors.torch import load_file
+
+    Pipeline(make_config([*TINY_DCGAN, "model.training.steps=10"], tmp_path / "cache"), tmp_path / "a").run("train")
+    longer = Pipeline(make_config(TINY_DCGAN, tmp_path / "cache"), tmp_path / "b")
+    with caplog.at_level("INFO", logger="mia_gen.pipeline"):
+        longer.run("train")
+    assert "resuming from the finished 10-step run" in caplog.text
+    fresh = Pipeline(make_config(TINY_DCGAN, tmp_path / "fresh"), tmp_path / "c")
+    fresh.run("train")
+    for name in ("generator", "discriminator"):
+        extended = load_file(longer.model_dir / f"{name}.safetensors")
+        scratch = load_file(fresh.model_dir / f"{name}.safetensors")
+        assert all(torch.equal(extended[k], scratch[k]) for k in scratch)
+    assert json.loads((longer.model_dir / "lineage.json").read_text())["steps"] == 20
+    # DP-SGD solves its noise for the whole run: a longer run is not an extension of a shorter one
+    dp = Pipeline(make_config([*TINY_DCGAN, "defense=dp_sgd"], tmp_path / "cache"), tmp_path / "d")
+    assert dp.lineage_key() is None and longer.lineage_key() is not None
