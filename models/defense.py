@@ -18,8 +18,11 @@ A defense is read from `configs/defense/<name>.yaml` (`Defense.from_config`, str
 - `augmentation`: every member batch is transformed on the fly before the model sees it: random
   horizontal flips, random crops after reflect-padding, and RandAugment-style ops (Cubuk et al.,
   2020: `randaugment_ops` ops per image drawn from brightness, contrast, translation, at
-  `randaugment_magnitude` in [0, 1]). For GANs the discriminator's real batch is augmented (the
-  generator learns from the discriminator only). Images stay in [-1, 1].
+  `randaugment_magnitude` in [0, 1]). For GANs the discriminator's real batch is augmented and, with
+  `augment_fakes` (the default in configs/defense/augmentation.yaml), so is every generated batch the
+  discriminator judges, in its own step and in the generator's (DiffAugment, Zhao et al., NeurIPS'20:
+  every transform here is differentiable). Without it the generator learns to produce augmented
+  images ("leaking" augmentations, Karras et al., NeurIPS'20). Images stay in [-1, 1].
 
 All randomness comes from the trainer's seeded, checkpointed generator, so a resumed run is still
 bit-identical to an uninterrupted one.
@@ -49,6 +52,7 @@ class Defense:
     crop_padding: int = 0
     randaugment_ops: int = 0
     randaugment_magnitude: float = 0.0
+    augment_fakes: bool = False
     target_epsilon: float | None = None
     delta: float | None = None
     noise_multiplier: float | None = None
@@ -70,7 +74,8 @@ class Defense:
             raise MiaGenError(f"defense.name={name!r} is not one this trainer applies; use one of {NAMES} "
                               "(configs/defense/).")
         allowed = {"none": set(), "weight_decay": {"weight_decay"},
-                   "augmentation": {"hflip", "crop_padding", "randaugment_ops", "randaugment_magnitude"},
+                   "augmentation": {"hflip", "crop_padding", "randaugment_ops", "randaugment_magnitude",
+                                    "augment_fakes"},
                    "dp_sgd": {"target_epsilon", "delta", "noise_multiplier", "max_grad_norm", "accountant"},
                    "federated": {"clients", "rounds"}, "early_stopping": {"steps", "fraction"}}[name]
         unknown = sorted(set(raw) - allowed)
@@ -83,8 +88,9 @@ class Defense:
     def validate(self) -> None:
         if isinstance(self.weight_decay, bool) or not isinstance(self.weight_decay, (int, float)) or self.weight_decay < 0:
             raise MiaGenError(f"defense.weight_decay must be a number >= 0, got {self.weight_decay!r}.")
-        if not isinstance(self.hflip, bool):
-            raise MiaGenError(f"defense.hflip must be true or false, got {self.hflip!r}.")
+        for key in ("hflip", "augment_fakes"):
+            if not isinstance(getattr(self, key), bool):
+                raise MiaGenError(f"defense.{key} must be true or false, got {getattr(self, key)!r}.")
         for key in ("crop_padding", "randaugment_ops"):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
@@ -140,7 +146,7 @@ class Defense:
             parts = (["flip"] if self.hflip else []) + ([f"crop{self.crop_padding}"] if self.crop_padding else [])
             if self.randaugment_ops:
                 parts.append(f"RA{self.randaugment_ops}x{self.randaugment_magnitude:g}")
-            return "+".join(parts)
+            return "+".join(parts) + (" (real and fake)" if self.augment_fakes else "")
         if self.name == "dp_sgd":
             return (f"target ε={self.target_epsilon:g}" if self.target_epsilon is not None
                     else f"σ={self.noise_multiplier:g}") + f", C={self.max_grad_norm:g}"
@@ -151,7 +157,12 @@ class Defense:
         return ""
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The defense's identity in a checkpoint (a run never resumes under another defense).
+        `augment_fakes` enters it only for augmentation, so that older checkpoints keep theirs."""
+        identity = asdict(self)
+        if self.name != "augmentation":
+            identity.pop("augment_fakes")
+        return identity
 
     @property
     def augments(self) -> bool:

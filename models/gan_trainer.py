@@ -215,6 +215,8 @@ def private_discriminator_step(private, generator: nn.Module, members: torch.Ten
     real = defense.augment(members[private.poisson_indices(members.shape[0], rng)], rng).to(device)
     with torch.no_grad():
         fake = generator(generator.sample_latent(batch_size, rng).to(device))
+    if defense.augment_fakes:
+        fake = defense.augment(fake, rng)
     logits = private.module(torch.cat([real, fake]))
     labels = torch.cat([torch.ones(len(real)), torch.zeros(len(fake))]).to(device)
     loss = F.binary_cross_entropy_with_logits(logits, labels, reduction="sum")
@@ -242,7 +244,8 @@ def train_gan(
     out_dir: checkpoint directory. If it holds a checkpoint with step < steps, training continues from
         it; if it holds a finished run (step == steps), the saved generator is loaded and returned.
     stop_after: stop (as if interrupted) once this many steps are done, leaving an incomplete checkpoint.
-    defense: a `models.defense.Defense` (weight decay on both networks; augmentation of the real batch).
+    defense: a `models.defense.Defense` (weight decay on both networks; augmentation of the real batch
+        and, with `augment_fakes`, of the generated ones).
     """
     cfg = validate_training_config(training_cfg)
     defense = defense or Defense()
@@ -325,6 +328,8 @@ def train_gan(
             real = defense.augment(members[batches.next_indices()], noise_rng).to(device)
             with torch.no_grad():
                 fake = generator(generator.sample_latent(batch_size, noise_rng).to(device))
+            if defense.augment_fakes:  # DiffAugment: D judges real and generated batches alike
+                fake = defense.augment(fake, noise_rng)
             d_loss = objective.discriminator_loss(discriminator(real), discriminator(fake))
             if objective.gradient_penalty:
                 d_loss = d_loss + cfg["gp_weight"] * wgan_gp.gradient_penalty(discriminator, real, fake, noise_rng)
@@ -336,6 +341,8 @@ def train_gan(
         if private is not None:
             private.module.disable_hooks()  # no per-sample gradients for D in G's step
         fake = generator(generator.sample_latent(batch_size, noise_rng).to(device))
+        if defense.augment_fakes:  # differentiable: G learns through the same transforms
+            fake = defense.augment(fake, noise_rng)
         g_loss = objective.generator_loss(discriminator(fake))
         optimizers["generator"].zero_grad(set_to_none=True)
         g_loss.backward()

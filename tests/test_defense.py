@@ -60,6 +60,7 @@ def test_early_stopping_trains_the_undefended_model_for_fewer_steps():
     ({"name": "weight_decay", "weight_decay": 0.001}, "λ=0.001"),
     ({"name": "augmentation", "hflip": True, "crop_padding": 2, "randaugment_ops": 2, "randaugment_magnitude": 0.5},
      "flip+crop2+RA2x0.5"),
+    ({"name": "augmentation", "crop_padding": 2, "augment_fakes": True}, "crop2 (real and fake)"),
     ({"name": "dp_sgd", "target_epsilon": 10.0}, "target ε=10, C=1"),
     ({"name": "dp_sgd", "target_epsilon": None, "noise_multiplier": 1.5}, "σ=1.5, C=1"),
     ({"name": "federated", "clients": 4, "rounds": 10}, "K=4, 10 rounds"),
@@ -96,6 +97,28 @@ def test_augmentation_keeps_shape_and_range_and_is_seeded():
     assert a.shape == x.shape and a.min() >= -1 and a.max() <= 1 and torch.equal(a, b) and not torch.equal(a, x)
     zero = Defense(name="augmentation", randaugment_ops=3, randaugment_magnitude=0.0)
     assert torch.allclose(zero.augment(x, torch.Generator().manual_seed(3)), x, atol=1e-6)
+
+
+def test_gan_augmentation_of_the_fakes_is_differentiable_and_reaches_both_steps(tmp_path, monkeypatch):
+    x = (torch.rand(8, 1, 16, 16) * 2 - 1).requires_grad_(True)
+    AUGMENT.augment(x, torch.Generator().manual_seed(4)).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0  # the generator learns through the transforms
+
+    seen = []
+    original = Defense.augment
+
+    def spy(self, batch, rng):
+        seen.append(batch.requires_grad)
+        return original(self, batch, rng)
+
+    monkeypatch.setattr(Defense, "augment", spy)
+    for fakes in (False, True):
+        seen.clear()
+        g, d = tiny_models()
+        defense = Defense(name="augmentation", crop_padding=2, augment_fakes=fakes)
+        train_gan(g, d, tiny_members(), tiny_cfg(steps=3), tmp_path / str(fakes), "cpu", progress=False, defense=defense)
+        # per step: the real batch; with augment_fakes also D's fake batch and G's fake batch (with gradients)
+        assert seen == ([False] * 3 if not fakes else [False, False, True] * 3)
 
 
 def test_weight_decay_uses_adamw_and_shrinks_the_weights(tmp_path):
