@@ -430,7 +430,7 @@ class Pipeline:
     def utility(self) -> dict | None:
         """The samples' utility (`mia_gen/utility.py`), cached by the sample store and utility config;
         draws the samples if no attack did. None when `utility.metric` resolves to none."""
-        from mia_gen.utility import UtilityConfig, choose_metric, measure_utility
+        from mia_gen.utility import CLASSIFIER_RECIPE, UtilityConfig, choose_metric, measure_utility
 
         config = UtilityConfig.from_config(self.cfg.get("utility"))
         metric = choose_metric(config, self.records)
@@ -438,7 +438,8 @@ class Pipeline:
             return measure_utility(self.records, None, config, self.cache_dir, self.device, int(self.cfg.seed))
         path = self.cache_dir / "utility" / (
             f"{metric}-" + config_hash({"sample": self.sample_key, "data": self.records.fingerprint,
-                                        "config": config.__dict__, "metric": metric, "seed": int(self.cfg.seed)})
+                                        "config": config.__dict__, "metric": metric, "seed": int(self.cfg.seed),
+                                        "recipe": CLASSIFIER_RECIPE if metric == "fid_classifier" else None})
             + ".json")
         if path.is_file():
             return json.loads(path.read_text())

@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 METRICS = ("auto", "fid_inception", "fid_classifier", "none")
 INCEPTION_WEIGHTS = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's file name
+# How the offline feature classifier is trained; part of every cache key that depends on its features.
+CLASSIFIER_RECIPE = "FeatureClassifier-32, Adam 3e-3, batch 64, 80% split"
 LABELS = {"fid_inception": "FID (InceptionV3)",
           "fid_classifier": "classifier-feature FID (offline fallback, not comparable with Inception FID)"}
 
@@ -168,7 +170,7 @@ class ClassifierFeatures:
         classes = torch.unique(labels)
         key = config_hash({"fingerprint": records.fingerprint, "labels": labels.tolist(),
                            "epochs": config.classifier_epochs, "seed": seed,
-                           "recipe": "FeatureClassifier-32, Adam 3e-3, batch 64, 80% split"})
+                           "recipe": CLASSIFIER_RECIPE})
         path = Path(cache_dir) / "utility" / f"classifier-{key}.safetensors"
         self.model = FeatureClassifier(records.record_shape[0], len(classes))
         from safetensors.torch import load_file, save_file
