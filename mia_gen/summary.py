@@ -248,15 +248,18 @@ def _plot_privacy_utility(rows: list[dict], path: Path) -> None:
         mine = [job for job in jobs if job["model"] == model]
         best = [max(r["auc"] for r in job["attacks"].values()) for job in mine]
         ax.scatter([job["utility"] for job in mine], best, label=model, zorder=3)
-        for job, auc in zip(mine, best):
-            label = job["defense"] + (f" ({job['strength']})" if job["strength"] else "")
-            ax.annotate(label, (job["utility"], auc), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        for job, auc in zip(mine, best):  # the defense's name; its strength is in the table
+            ax.annotate(job["defense"] or job["job"], (job["utility"], auc), fontsize=7, xytext=(3, 3),
+                        textcoords="offset points")
     ax.axhline(0.5, color="gray", linestyle="--", label="chance")
     metrics = sorted({job["utility_metric"] for job in jobs})
     ax.set_xlabel(f"utility: {', '.join(metrics)} (lower is better)")
     ax.set_ylabel("best attack's AUC (lower is more private)")
     if jobs and min(job["utility"] for job in jobs) > 0:
+        from matplotlib.ticker import NullFormatter
+
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
     figure.savefig(path, dpi=120)
