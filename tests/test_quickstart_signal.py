@@ -61,3 +61,14 @@ def test_dcgan_trained_on_other_records_does_not_accuse_anybody(tmp_path):
     labels = np.isin(ids, split.members).astype(int)
     auc = roc_auc_score(labels, build_attack("sample_distance")(context).scores)
     assert 0.40 <= auc <= 0.60
+
+
+def test_dp_sgd_at_epsilon_10_brings_every_attack_to_chance_on_the_benchmark_dcgan(tmp_path):
+    """The defense benchmark's DP row (README): the same DCGAN, DP-SGD on its discriminator at a
+    target epsilon of 10, attacked from the samples and through the discriminator."""
+    cfg = quickstart_config(tmp_path / "cache", "experiment=defense_benchmark", "model=dcgan", "defense=dp_sgd",
+                            "attack=[sample_distance,monte_carlo,domias,logan]", "utility.metric=none")
+    results = {r["attack"]: r for r in Pipeline(cfg, tmp_path / "run").run()}
+    privacy = json.loads((tmp_path / "run" / "results.json").read_text())["metadata"]["privacy"]
+    assert 9.0 <= privacy["epsilon"] <= 10.0
+    assert all(r["auc"] <= 0.60 for r in results.values()), {a: r["auc"] for a, r in results.items()}
