@@ -136,9 +136,9 @@ class Pipeline:
         """The (model, defense) configs the trainer runs: early stopping becomes the undefended model
         trained for fewer steps (`models.defense.effective_training`)."""
         defense = self.cfg.get("defense")
-        if self.cfg.model.get("checkpoint") and Defense.from_config(defense).name != "none":
+        if self.cfg.model.get("checkpoint") and self.defense.name != "none":
             raise MiaGenError(
-                f"defense={Defense.from_config(defense).name} is applied while training, but model.checkpoint="
+                f"defense={self.defense.name} is applied while training, but model.checkpoint="
                 f"{self.cfg.model.checkpoint} is a model trained elsewhere; use defense=none to attack it, or "
                 "drop model.checkpoint to train the defended model here."
             )
@@ -464,9 +464,10 @@ class Pipeline:
         }
         if self.synthetic_path is None:
             defense = self.defense
+            configured = self.cfg.get("defense")
             meta["defense"] = {"name": defense.name, "strength": defense.strength,
-                               "config": OmegaConf.to_container(self.cfg.get("defense") or {"name": "none"},
-                                                                resolve=True)}
+                               "config": {"name": "none"} if configured is None
+                               else OmegaConf.to_container(configured, resolve=True)}
             if self.cfg.model.get("training") and not self.cfg.model.get("checkpoint"):
                 meta["training_steps"] = int(self.trained_as[0].training.steps)
         utility = self.utility()

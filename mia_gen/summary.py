@@ -33,7 +33,6 @@ from mia_gen.errors import MiaGenError
 
 log = logging.getLogger(__name__)
 
-ALPHAS = ("0.1", "0.01", "0.001")
 DEFENSE_ORDER = ("none", "augmentation", "weight_decay", "early_stopping", "dp_sgd", "federated")
 
 
@@ -84,14 +83,6 @@ def varying_keys(rows: list[dict]) -> list[str]:
         for key, value in row["overrides"].items():
             values.setdefault(key, set()).add(value)
     return [key for key, seen in values.items() if len(seen) > 1]
-
-
-def swept_key(rows: list[dict]) -> str:
-    """The override whose value differs between jobs (the first such key)."""
-    varying = varying_keys(rows)
-    if not varying:
-        raise MiaGenError("no override varies across the jobs of this sweep; pass the swept key with --x.")
-    return varying[0]
 
 
 def _as_number(value: str) -> float | str:
@@ -178,12 +169,17 @@ def _benchmark_markdown(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
-def _swept_markdown(rows: list[dict], x: str, plot_name: str) -> list[str]:
+def _by_swept_value(rows: list[dict], x: str) -> tuple[list[str], dict[str, dict[str, dict]], list[str]]:
+    """The attacks, the rows keyed by the value of `x` then by attack, and the values in order."""
     attacks = list(dict.fromkeys(row["attack"] for row in rows))
     table: dict[str, dict[str, dict]] = {}
     for row in rows:
         table.setdefault(row["overrides"].get(x, "?"), {})[row["attack"]] = row
-    xs = sorted(table, key=_sort_key)
+    return attacks, table, sorted(table, key=_sort_key)
+
+
+def _swept_markdown(rows: list[dict], x: str, plot_name: str) -> list[str]:
+    attacks, table, xs = _by_swept_value(rows, x)
 
     def cell(row):
         if row is None:
@@ -212,11 +208,7 @@ def _swept_markdown(rows: list[dict], x: str, plot_name: str) -> list[str]:
 
 
 def _plot_swept(rows: list[dict], x: str, path: Path) -> None:
-    attacks = list(dict.fromkeys(row["attack"] for row in rows))
-    table: dict[str, dict[str, dict]] = {}
-    for row in rows:
-        table.setdefault(row["overrides"].get(x, "?"), {})[row["attack"]] = row
-    xs = sorted(table, key=_sort_key)
+    attacks, table, xs = _by_swept_value(rows, x)
     figure = Figure(figsize=(6, 4), layout="constrained")
     ax = figure.subplots()
     numeric = all(isinstance(_as_number(v), float) for v in xs)

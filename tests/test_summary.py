@@ -26,12 +26,17 @@ TINY_GAN_LEAKS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def gan_leaks_sweep(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("gan_leaks")
-    result = run_cli(["-m", *TINY_GAN_LEAKS, f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
+def run_sweep(tmp_path_factory, name, overrides):
+    """Run a multirun with `overrides` in a fresh directory; returns its sweep directory and the process."""
+    tmp_path = tmp_path_factory.mktemp(name)
+    result = run_cli(["-m", *overrides, f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
     assert result.returncode == 0, result.stderr
     return tmp_path / "sweep", result
+
+
+@pytest.fixture(scope="module")
+def gan_leaks_sweep(tmp_path_factory):
+    return run_sweep(tmp_path_factory, "gan_leaks", TINY_GAN_LEAKS)
 
 
 def test_the_gan_leaks_sweep_ends_with_its_table_and_plot(gan_leaks_sweep):
@@ -91,10 +96,7 @@ TINY_DEFENSES = [
 
 @pytest.fixture(scope="module")
 def defense_sweep(tmp_path_factory):
-    tmp_path = tmp_path_factory.mktemp("defenses")
-    result = run_cli(["-m", *TINY_DEFENSES, f"hydra.sweep.dir={tmp_path / 'sweep'}"], tmp_path)
-    assert result.returncode == 0, result.stderr
-    return tmp_path / "sweep", result
+    return run_sweep(tmp_path_factory, "defenses", TINY_DEFENSES)
 
 
 def test_the_defense_table_matches_the_runs_results(defense_sweep):
