@@ -14,6 +14,7 @@ the row order of an array file), and `max_records` keeps the first N of that ord
 from __future__ import annotations
 
 import csv
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -26,6 +27,8 @@ import torch.nn.functional as F
 
 from mia_gen.errors import MiaGenError, MissingAssetError
 from mia_gen.hashing import array_fingerprint
+
+log = logging.getLogger(__name__)
 
 IMAGE = "image"
 TABULAR = "tabular"
@@ -318,13 +321,19 @@ def _load_image_folder(options: dict[str, Any]) -> tuple[torch.Tensor, np.ndarra
     labels = np.asarray([label for _, label in folder.samples], dtype=np.int64)
     if options["max_records"] is not None:
         paths, labels = paths[: options["max_records"]], labels[: options["max_records"]]
-    images = []
+    images, native_shapes = [], set()
     for path in paths:
         try:
             with Image.open(path) as image:
-                images.append(_prepare(_pil_to_uint8(image, path), options))
+                native = _pil_to_uint8(image, path)
         except (UnidentifiedImageError, OSError) as error:
             raise MiaGenError(f"Cannot read image {path!r} ({error}); remove or replace the file.") from error
+        images.append(_prepare(native, options))
+        if native.shape != images[-1].shape:
+            native_shapes.add(tuple(native.shape))
+    if native_shapes:
+        log.info("data: converted images under %s of shape(s) %s to %s (data.channels / data.resolution)",
+                 root, sorted(native_shapes)[:3], tuple(images[0].shape))
     return _stack(images, root), labels
 
 
@@ -355,6 +364,10 @@ def _load_array(options: dict[str, Any]) -> RecordSet:
         )
     if options["max_records"] is not None:
         array = array[: options["max_records"]]
+    if array.ndim in (2, 4) and len(array) == 0:
+        raise MiaGenError(
+            f"{path!r} holds no records (shape {array.shape}); it needs at least one (N, D) row or (N, C, H, W) image."
+        )
 
     if array.ndim == 2:
         if options["resolution"] is not None or options["channels"] is not None:
@@ -382,26 +395,32 @@ def _load_array(options: dict[str, Any]) -> RecordSet:
 
 def _read_csv(path: str) -> np.ndarray:
     """A CSV file with one header row of column names and numeric rows, as float64 `(N, D)`."""
+    needs = "a CSV needs one header row of column names, then one row of numbers per record"
     with open(path, newline="") as handle:
-        rows = list(csv.reader(handle))
+        rows = [(line, row) for line, row in enumerate(csv.reader(handle), start=1) if row]
     if not rows:
-        raise MiaGenError(f"{path!r} is empty; a CSV needs a header row and numeric rows.")
-    header, body = rows[0], [row for row in rows[1:] if row]
+        raise MiaGenError(f"{path!r} is empty; {needs}.")
+    header, body = rows[0][1], rows[1:]
     if all(_is_number(cell) for cell in header):
         raise MiaGenError(
             f"The first row of {path!r} is numeric; it must be a header of column names (add one)."
         )
+    if not body:
+        raise MiaGenError(f"{path!r} has a header ({len(header)} columns) but no records below it; {needs}.")
     values = np.empty((len(body), len(header)), dtype=np.float64)
-    for line, row in enumerate(body, start=2):
+    for record, (line, row) in enumerate(body):
         if len(row) != len(header):
-            raise MiaGenError(f"{path!r} line {line} has {len(row)} fields but the header has {len(header)}.")
+            raise MiaGenError(
+                f"{path!r} line {line} has {len(row)} fields but the header has {len(header)} columns; "
+                f"{needs}, each with exactly {len(header)} fields."
+            )
         for column, cell in enumerate(row):
             if not _is_number(cell):
                 raise MiaGenError(
                     f"{path!r} line {line}, column '{header[column]}' is not a number ({cell!r}); "
                     "encode categorical columns numerically first."
                 )
-            values[line - 2, column] = float(cell)
+            values[record, column] = float(cell)
     return values
 
 

@@ -8,6 +8,10 @@ Layout of a store directory::
 
 Shard i is drawn from a fresh `torch.Generator` seeded from (seed, i), so regenerating one shard
 gives the same bytes as an uninterrupted run: a resumed store equals a fresh one, byte for byte.
+
+Opening a store checks every shard against the manifest (`mia_gen.checksums`): its size each time,
+its sha256 the first time a process opens it (or when its size or mtime changed), and
+`SampleStore.verify()` re-hashes on demand. A damaged shard is a CorruptStoreError, never read.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from mia_gen.checksums import check_file, record_file
 from mia_gen.errors import CorruptStoreError, MiaGenError
 from mia_gen.hashing import config_hash, to_plain
 
@@ -35,6 +40,10 @@ _RESUME_HINT = (
     "Rerun `mia-gen-sample` (or write_samples) with the same settings: it keeps the verified "
     "shards and rewrites only the missing or damaged ones."
 )
+_DAMAGED_HINT = (
+    "Delete {path} and sample again (`mia-gen-sample` or write_samples with the settings that wrote "
+    "it rewrites only the damaged shards)."
+)
 
 SampleFn = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor | None]]
 
@@ -47,14 +56,6 @@ def shard_seed(seed: int, shard_index: int) -> int:
 
 def _shard_name(index: int, kind: str) -> str:
     return f"shard_{index:05d}.{kind}.npy"
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -73,7 +74,7 @@ def _atomic_save_npy(path: Path, array: np.ndarray) -> dict[str, Any]:
         np.save(handle, array, allow_pickle=False)
         handle.flush()
         os.fsync(handle.fileno())
-    entry = {"file": path.name, "bytes": tmp.stat().st_size, "sha256": _file_sha256(tmp)}
+    entry = {"file": path.name, **record_file(tmp)}
     os.replace(tmp, path)
     return entry
 
@@ -113,7 +114,8 @@ class SampleStore:
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, path: str | os.PathLike) -> "SampleStore":
-        """Open a finished store; CorruptStoreError if it is incomplete or a shard is truncated."""
+        """Open a finished store; CorruptStoreError if it is incomplete or a shard differs from the
+        manifest (size, and sha256 the first time this process opens it: `mia_gen.checksums`)."""
         path = Path(path)
         manifest = _read_manifest(path)
         if manifest is None:
@@ -128,25 +130,9 @@ class SampleStore:
                 f"Sample store {path} is incomplete: {done} of {total} shards were written before "
                 f"sampling stopped. {_RESUME_HINT}"
             )
-        for shard in manifest["shards"]:
-            for kind in ("samples", "latents"):
-                entry = shard.get(kind)
-                if entry is None:
-                    continue
-                file = path / entry["file"]
-                if not file.exists():
-                    raise CorruptStoreError(
-                        f"Sample store {path}: shard {shard['index']} file {entry['file']} is missing. "
-                        f"{_RESUME_HINT}"
-                    )
-                size = file.stat().st_size
-                if size != entry["bytes"]:
-                    raise CorruptStoreError(
-                        f"Sample store {path}: shard {shard['index']} file {entry['file']} has "
-                        f"{size} bytes, the manifest recorded {entry['bytes']} (truncated or "
-                        f"overwritten). {_RESUME_HINT}"
-                    )
-        return cls(path, manifest)
+        store = cls(path, manifest)
+        store._check_shards(full=False)
+        return store
 
     # --------------------------------------------------------------- properties
     def __len__(self) -> int:
@@ -266,15 +252,17 @@ class SampleStore:
         return torch.from_numpy(self._gather(indices, "latents"))
 
     def verify(self) -> None:
-        """Re-hash every shard file; CorruptStoreError naming the first shard that differs."""
+        """Re-hash every shard file now; CorruptStoreError naming the first shard that differs."""
+        self._check_shards(full=True)
+
+    def _check_shards(self, full: bool) -> None:
         for shard in self._shards:
-            for kind in ("samples", "latents"):
-                entry = shard.get(kind)
-                if entry is not None and _file_sha256(self.path / entry["file"]) != entry["sha256"]:
-                    raise CorruptStoreError(
-                        f"Sample store {self.path}: shard {shard['index']} file {entry['file']} "
-                        f"does not match its recorded sha256 (damaged on disk). {_RESUME_HINT}"
-                    )
+            problem = _shard_problem(self.path, shard, full)
+            if problem is not None:
+                raise CorruptStoreError(
+                    f"Sample store {self.path}: shard {shard['index']} {problem}; it must not be read. "
+                    + _DAMAGED_HINT.format(path=self.path)
+                )
 
 
 # ---------------------------------------------------------------------- writing
@@ -303,17 +291,16 @@ def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     _atomic_write_bytes(path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
 
 
-def _shard_is_intact(path: Path, shard: dict[str, Any]) -> bool:
+def _shard_problem(path: Path, shard: dict[str, Any], full: bool) -> str | None:
+    """None if every file of `shard` holds what the manifest recorded, else what is wrong with one."""
     for kind in ("samples", "latents"):
         entry = shard.get(kind)
         if entry is None:
             continue
-        file = path / entry["file"]
-        if not file.exists() or file.stat().st_size != entry["bytes"]:
-            return False
-        if _file_sha256(file) != entry["sha256"]:
-            return False
-    return True
+        problem = check_file(path / entry["file"], entry, full=full)
+        if problem is not None:
+            return f"file {entry['file']} {problem}"
+    return None
 
 
 def _check_batch(x: Any, z: Any, n: int, storage_dtype: str, shard_index: int) -> None:
@@ -418,7 +405,7 @@ def write_samples(
             )
 
     n_total = _n_shards(n_samples, shard_size)
-    kept = [s for s in manifest["shards"] if _shard_is_intact(path, s)]
+    kept = [s for s in manifest["shards"] if _shard_problem(path, s, full=False) is None]
     if len(kept) != len(manifest["shards"]) or (manifest["complete"] and len(kept) < n_total):
         manifest["complete"] = False
     manifest["shards"] = kept

@@ -1,4 +1,5 @@
-"""Save a model as `<name>.safetensors` + `<name>.json` (its config) and rebuild it from them.
+"""Save a model as `<name>.safetensors` + `<name>.json` (its config) and rebuild it from them; write
+a trainer's checkpoint so that a crash never leaves a half-written one, and verify it on load.
 
 No pickles: weights go through safetensors, the architecture through the JSON `_target_`, which
 must name a class inside the `models.` package (a checkpoint cannot make us import arbitrary code).
@@ -6,15 +7,21 @@ must name a class inside the `models.` package (a checkpoint cannot make us impo
 
 import importlib
 import json
+import logging
 import os
+import shutil
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mia_gen.checksums import check_file, record_file
 from mia_gen.errors import CorruptStoreError, MiaGenError, MissingAssetError
+
+log = logging.getLogger(__name__)
 
 ALLOWED_TARGET_PACKAGE = "models."
 
@@ -109,23 +116,119 @@ def load_module(directory: str | os.PathLike, name: str, map_location: str | tor
 
 
 STATE_JSON, STATE_PT = "trainer_state.json", "trainer_state.pt"
+# A checkpoint is written here in full, then moved into the output directory (`save_checkpoint`).
+STAGING = ".checkpoint-next"
+
+
+def retrain_hint(out_dir: Path) -> str:
+    return f"Delete {out_dir} and train again (a model the pipeline cached is retrained by the next run)."
+
+
+def save_checkpoint(out_dir: Path, write: Callable[[Path], None], summary: dict) -> None:
+    """Write a trainer's checkpoint so that a crash at any moment leaves a whole one in `out_dir`.
+
+    `write(folder)` writes every file of the checkpoint into a staging folder; their sizes and sha256
+    go into `summary["files"]`, and `summary` is written there LAST as STATE_JSON. Only then do the
+    files move into `out_dir` (STATE_JSON last): a crash before leaves the previous checkpoint
+    untouched, a crash while moving is finished by the next `read_checkpoint_summary`.
+    """
+    staging = out_dir / STAGING
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    write(staging)
+    files = {path.relative_to(staging).as_posix(): record_file(path)
+             for path in sorted(staging.rglob("*")) if path.is_file()}
+    text = json.dumps({**summary, "files": files}, indent=2)
+    atomic_replace(staging / STATE_JSON, lambda tmp: tmp.write_text(text))
+    _commit(out_dir)
+
+
+def _commit(out_dir: Path) -> None:
+    """Move a complete staged checkpoint into `out_dir`; safe to repeat after a crash part-way."""
+    staging = out_dir / STAGING
+    for entry in sorted(staging.iterdir()):
+        if entry.name == STATE_JSON:
+            continue
+        target = out_dir / entry.name
+        if entry.is_dir():  # a folder (diffusers' unet/) is not replaced by a rename
+            shutil.rmtree(target, ignore_errors=True)
+        os.replace(entry, target)
+    os.replace(staging / STATE_JSON, out_dir / STATE_JSON)
+    staging.rmdir()
+
+
+def read_checkpoint_summary(out_dir: Path) -> dict | None:
+    """The trainer summary (STATE_JSON) of the checkpoint in `out_dir`, None if there is none yet.
+
+    First finishes a checkpoint whose move into `out_dir` a crash interrupted, and drops one that
+    was still being written (the previous checkpoint then stands).
+    """
+    staging = out_dir / STAGING
+    if (staging / STATE_JSON).is_file():
+        log.info("train: finishing the checkpoint a crash left half-moved into %s", out_dir)
+        _commit(out_dir)
+    elif staging.exists():
+        shutil.rmtree(staging)
+    state_json = out_dir / STATE_JSON
+    if not state_json.is_file():
+        return None
+    try:
+        summary = json.loads(state_json.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CorruptStoreError(f"{state_json} is not valid JSON ({err}). {retrain_hint(out_dir)}") from err
+    if not isinstance(summary, dict) or not isinstance(summary.get("step"), int):
+        raise CorruptStoreError(f"{state_json} does not hold a trainer summary with a step. {retrain_hint(out_dir)}")
+    return summary
+
+
+def record_rewritten_files(out_dir: Path, names: list[str]) -> None:
+    """Record the new size and sha256 of checkpoint files a caller rewrote on purpose (FedAvg puts the
+    global weights into each client's checkpoint), so that resuming does not take them for damage."""
+    summary = read_checkpoint_summary(out_dir)
+    if summary is None or "files" not in summary:
+        return
+    for name in names:
+        summary["files"][name] = record_file(out_dir / name)
+    text = json.dumps(summary, indent=2)
+    atomic_replace(out_dir / STATE_JSON, lambda tmp: tmp.write_text(text))
+
+
+def verify_checkpoint(out_dir: Path, summary: dict, with_trainer_state: bool) -> None:
+    """Check the checkpoint's files against the sizes and sha256 its summary recorded (hashed once per
+    process, `mia_gen.checksums`); STATE_PT only when resuming. Checkpoints written before files were
+    recorded have no records: their loaders still refuse unreadable files."""
+    for name, record in (summary.get("files") or {}).items():
+        if name == STATE_PT and not with_trainer_state:
+            continue
+        problem = check_file(out_dir / name, record)
+        if problem is not None:
+            raise CorruptStoreError(
+                f"The checkpoint in {out_dir} is damaged: {name} {problem}. {retrain_hint(out_dir)}"
+            )
 
 
 def load_trainer_state(out_dir: Path, start: int) -> dict:
     """The resume state (optimizers, data order, RNGs) a trainer saved at step `start`.
 
     `trainer_state.json` (written last) says which step the checkpoint holds; the `.pt` file must
-    exist and agree, else the checkpoint is half-written and must not be resumed from.
+    exist, load and agree, else the checkpoint must not be resumed from.
     """
     if not (out_dir / STATE_PT).is_file():
         raise CorruptStoreError(
             f"{out_dir / STATE_PT} is missing although {STATE_JSON} says step {start}; the checkpoint is "
-            "incomplete. Delete the output directory and retrain."
+            f"incomplete. {retrain_hint(out_dir)}"
         )
-    state = torch.load(out_dir / STATE_PT, map_location="cpu", weights_only=True)
-    if int(state["step"]) != start:
+    try:
+        state = torch.load(out_dir / STATE_PT, map_location="cpu", weights_only=True)
+        step = int(state["step"])
+    except Exception as err:  # torch raises many types for a truncated or garbled archive
+        raise CorruptStoreError(
+            f"{out_dir / STATE_PT} cannot be read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); "
+            f"the trainer state is damaged. {retrain_hint(out_dir)}"
+        ) from err
+    if step != start:
         raise CorruptStoreError(
             f"{out_dir / STATE_PT} is at step {state['step']} but {STATE_JSON} says {start}; the checkpoint is "
-            "inconsistent. Delete the output directory and retrain."
+            f"inconsistent. {retrain_hint(out_dir)}"
         )
     return state

@@ -5,8 +5,10 @@ Checkpoint layout in `out_dir` — a diffusers `DDPMPipeline` directory plus tra
 - `model_index.json`, `unet/` (raw weights), `unet_ema/` (EMA weights: the ones attacks use),
   `scheduler/` (all through `save_pretrained`, safetensors + JSON);
 - `trainer_state.pt`: optimiser state, step, RNG states (tensors only; read with weights_only=True);
-- `trainer_state.json`: `{"step", "complete", "steps", "training_hash"}`, written LAST and removed
-  before a new checkpoint is written, so a crash mid-write never leaves a valid-looking checkpoint;
+- `trainer_state.json`: `{"step", "complete", "steps", "training_hash", "files"}` (`files`: size and
+  sha256 of every other file, verified before they are loaded). Each checkpoint is written whole in a
+  staging folder, then moved in (`models.checkpoint.save_checkpoint`), so a crash mid-write leaves
+  the previous checkpoint to resume from;
 - `samples/step_XXXXXX.png`: DDIM grids (EMA weights) of a fixed set of 16 initial noises.
 
 All randomness (batch order, timesteps and noise, dropout) comes from generators seeded by
@@ -36,7 +38,8 @@ from tqdm.auto import tqdm
 from mia_gen.device import resolve_device
 from mia_gen.errors import CorruptStoreError, MiaGenError
 from mia_gen.hashing import config_hash
-from models.checkpoint import STATE_JSON, STATE_PT, atomic_replace, load_trainer_state
+from models.checkpoint import (STATE_PT, atomic_replace, load_trainer_state, read_checkpoint_summary, retrain_hint,
+                               save_checkpoint, verify_checkpoint)
 from models.ddpm import build_scheduler, build_unet, diffusion_loss
 from models.defense import Defense
 from models.denoiser import PIPELINE_INDEX, UNET_WEIGHTS, Denoiser
@@ -121,18 +124,18 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
 
 
 def _save_checkpoint(out_dir: Path, step: int, summary: dict, unets: dict, scheduler, optimizer, rngs: dict) -> None:
-    state_json = out_dir / STATE_JSON
-    state_json.unlink(missing_ok=True)  # no valid-looking checkpoint until every file below is written
-    for folder, unet in unets.items():
-        unet.save_pretrained(out_dir / folder, safe_serialization=True)
-    scheduler.save_pretrained(out_dir / "scheduler")
     index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
              "scheduler": ["diffusers", type(scheduler).__name__], "unet": ["diffusers", "UNet2DModel"]}
-    atomic_replace(out_dir / PIPELINE_INDEX, lambda tmp: tmp.write_text(json.dumps(index, indent=2)))
     state = {"step": step, "optimizer": optimizer.state_dict(), **rngs}
-    atomic_replace(out_dir / STATE_PT, lambda tmp: torch.save(state, tmp))
-    summary = {**summary, "step": step, "complete": step == summary["steps"]}
-    atomic_replace(state_json, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+
+    def write(staging: Path) -> None:
+        for folder, unet in unets.items():
+            unet.save_pretrained(staging / folder, safe_serialization=True)
+        scheduler.save_pretrained(staging / "scheduler")
+        (staging / PIPELINE_INDEX).write_text(json.dumps(index, indent=2))
+        torch.save(state, staging / STATE_PT)
+
+    save_checkpoint(out_dir, write, {**summary, "step": step, "complete": step == summary["steps"]})
 
 
 def _load_unet_weights(out_dir: Path, folder: str, unet: torch.nn.Module) -> None:
@@ -141,8 +144,7 @@ def _load_unet_weights(out_dir: Path, folder: str, unet: torch.nn.Module) -> Non
         unet.load_state_dict(load_file(str(path), device="cpu"))
     except (FileNotFoundError, SafetensorError, RuntimeError) as err:
         raise CorruptStoreError(
-            f"{path} could not be loaded ({str(err).splitlines()[0]}) although {STATE_JSON} says the checkpoint is "
-            "complete; delete the output directory and retrain."
+            f"{path} could not be loaded ({str(err).splitlines()[0]}); the checkpoint is damaged. {retrain_hint(out_dir)}"
         ) from err
 
 
@@ -151,16 +153,6 @@ def _save_grid(unet, scheduler, noise: torch.Tensor, steps: int, path: Path) -> 
     images = sampler(noise).cpu() * 0.5 + 0.5  # Denoiser put unet in eval(): the caller restores train()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_replace(path, lambda tmp: save_image(images, str(tmp), nrow=4, format="png"))
-
-
-def _read_summary(out_dir: Path) -> dict | None:
-    state_json = out_dir / STATE_JSON
-    if not state_json.is_file():
-        return None
-    try:
-        return json.loads(state_json.read_text())
-    except json.JSONDecodeError as err:
-        raise CorruptStoreError(f"{state_json} is not valid JSON ({err}); delete {out_dir} and retrain.") from err
 
 
 def train_ddpm(
@@ -206,9 +198,9 @@ def train_ddpm(
     unets = {"unet": unet, **({"unet_ema": ema} if use_ema else {})}
 
     start = 0
-    saved = _read_summary(out_dir)
+    saved = read_checkpoint_summary(out_dir)
     if saved is not None:
-        start = int(saved["step"])
+        start = saved["step"]
         if saved.get("training_hash") != summary["training_hash"]:
             raise MiaGenError(
                 f"{out_dir} holds a run with another model or other training settings (only "
@@ -219,6 +211,7 @@ def train_ddpm(
                 f"{out_dir} holds a run already trained for {start} steps, more than training.steps={cfg['steps']}; "
                 f"set training.steps>={start} or use a fresh output directory."
             )
+        verify_checkpoint(out_dir, saved, with_trainer_state=start < target)
         for folder, module in unets.items():
             _load_unet_weights(out_dir, folder, module)
 

@@ -28,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mia_gen.errors import MiaGenError
-from models.checkpoint import STATE_JSON, atomic_replace
+from models.checkpoint import atomic_replace, read_checkpoint_summary, record_rewritten_files
 
 FEDERATED_JSON = "federated.json"
 TrainFn = Callable[[torch.Tensor, Path, int], None]  # (members, client_dir, stop_after_steps)
@@ -63,6 +63,7 @@ def write_weights(directory: Path, arrays: list[np.ndarray], names: list[tuple[s
         old = load_file(str(path))
         new = {k: tensors[k].reshape(old[k].shape).to(old[k].dtype).contiguous() for k in old}
         atomic_replace(path, lambda tmp, new=new: save_file(new, str(tmp)))
+    record_rewritten_files(directory, list(by_file))
 
 
 def client_shares(n_members: int, clients: int, seed: int) -> list[np.ndarray]:
@@ -74,8 +75,8 @@ def client_shares(n_members: int, clients: int, seed: int) -> list[np.ndarray]:
 
 
 def _client_step(directory: Path) -> int:
-    path = directory / STATE_JSON
-    return int(json.loads(path.read_text())["step"]) if path.is_file() else 0
+    summary = read_checkpoint_summary(directory)  # finishes a checkpoint a crash left half-moved
+    return 0 if summary is None else summary["step"]
 
 
 try:

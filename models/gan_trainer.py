@@ -7,8 +7,10 @@ Checkpoint layout in `out_dir`:
 
 - `generator.{safetensors,json}`, `discriminator.{safetensors,json}` (`models.checkpoint.save_module`);
 - `trainer_state.pt`: optimiser states, step, RNG states (tensors only; read with weights_only=True);
-- `trainer_state.json`: `{"step", "complete", "steps", "training_hash"}`, written LAST and removed
-  before a new checkpoint is written, so a crash mid-write never leaves a valid-looking checkpoint;
+- `trainer_state.json`: `{"step", "complete", "steps", "training_hash", "files"}` (`files`: size and
+  sha256 of every other file, verified before they are loaded). Each checkpoint is written whole in a
+  staging folder, then moved in (`models.checkpoint.save_checkpoint`), so a crash mid-write leaves
+  the previous checkpoint to resume from;
 - `samples/step_XXXXXX.png`: grids of a fixed set of 64 latent codes.
 
 All randomness of training (batch order, latent codes, penalty interpolation) comes from CPU
@@ -16,7 +18,6 @@ All randomness of training (batch order, latent codes, penalty interpolation) co
 gives bit-identical weights to an uninterrupted one on CPU.
 """
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +32,11 @@ from torchvision.utils import save_image
 from tqdm.auto import tqdm
 
 from mia_gen.device import resolve_device
-from mia_gen.errors import CorruptStoreError, MiaGenError
+from mia_gen.errors import MiaGenError
 from mia_gen.hashing import config_hash
 from models import dcgan, wgan_gp
-from models.checkpoint import STATE_JSON, STATE_PT, atomic_replace, load_module, load_trainer_state, save_module
+from models.checkpoint import (STATE_PT, atomic_replace, load_module, load_trainer_state, read_checkpoint_summary,
+                               save_checkpoint, save_module, verify_checkpoint)
 from models.defense import Defense
 
 TRAINING_KEYS = (
@@ -175,17 +177,18 @@ def _seeds(seed: int) -> tuple[int, int, int]:
 
 
 def _save_checkpoint(out_dir: Path, step: int, cfg: dict, modules: dict, optimizers: dict, rngs: dict) -> None:
-    state_json = out_dir / STATE_JSON
-    state_json.unlink(missing_ok=True)  # no valid-looking checkpoint until every file below is written
-    for name, module in modules.items():
-        save_module(module, out_dir, name)
     state = {"step": step, "torch_rng": torch.get_rng_state(), **rngs}
     state.update({f"optimizer_{name}": opt.state_dict() for name, opt in optimizers.items()})
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
-    atomic_replace(out_dir / STATE_PT, lambda tmp: torch.save(state, tmp))
+
+    def write(folder: Path) -> None:
+        for name, module in modules.items():
+            save_module(module, folder, name)
+        torch.save(state, folder / STATE_PT)
+
     summary = {"step": step, "complete": step == cfg["steps"], "steps": cfg["steps"], "training_hash": _training_hash(cfg)}
-    atomic_replace(state_json, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    save_checkpoint(out_dir, write, summary)
 
 
 def _load_weights(out_dir: Path, modules: dict) -> None:
@@ -266,13 +269,9 @@ def train_gan(
     grid_z = generator.sample_latent(GRID_SIZE, torch.Generator().manual_seed(grid_seed)).to(device)
 
     start = 0
-    state_json = out_dir / STATE_JSON
-    if state_json.is_file():
-        try:
-            summary = json.loads(state_json.read_text())
-        except json.JSONDecodeError as err:
-            raise CorruptStoreError(f"{state_json} is not valid JSON ({err}); delete {out_dir} and retrain.") from err
-        start = int(summary["step"])
+    summary = read_checkpoint_summary(out_dir)
+    if summary is not None:
+        start = summary["step"]
         if summary.get("training_hash") != _training_hash(cfg):
             raise MiaGenError(
                 f"{out_dir} holds a run with other training settings (only {list(RESUMABLE_KEYS)} may change "
@@ -283,6 +282,7 @@ def train_gan(
                 f"{out_dir} holds a run already trained for {start} steps, more than training.steps="
                 f"{cfg['steps']}; set training.steps>={start} or use a fresh output directory."
             )
+        verify_checkpoint(out_dir, summary, with_trainer_state=start < target)
         _load_weights(out_dir, modules)
         if start >= target:
             return generator.to(device).eval()

@@ -355,6 +355,35 @@ def test_csv_tabular_against_numpy(tmp_path):
         load_dataset({"name": "array", "path": str(tmp_path / "text.csv")})
 
 
+@pytest.mark.parametrize("text, message", [
+    ("", r"is empty; a CSV needs one header row of column names, then one row of numbers per record"),
+    ("\n\n", "is empty; a CSV needs one header row"),
+    ("age,income\n", r"has a header \(2 columns\) but no records below it; a CSV needs"),
+    ("age,income\n1,2\n\n3\n", r"line 4 has 1 fields but the header has 2 columns.*exactly 2 fields"),
+])
+def test_csv_without_records_or_ragged_says_what_the_file_needs(tmp_path, text, message):
+    (tmp_path / "t.csv").write_text(text)
+    with pytest.raises(MiaGenError, match=message):
+        load_dataset({"name": "array", "path": str(tmp_path / "t.csv")})
+
+
+@pytest.mark.parametrize("shape", [(0, 3), (0, 1, 4, 4)])
+def test_npy_without_records_is_refused(tmp_path, shape):
+    np.save(tmp_path / "empty.npy", np.zeros(shape, np.float32))
+    with pytest.raises(MiaGenError, match=r"holds no records \(shape \(0, "):
+        load_dataset({"name": "array", "path": str(tmp_path / "empty.npy"), "value_range": [-1, 1]})
+
+
+def test_image_folder_conversion_is_logged(tmp_path, caplog):
+    (tmp_path / "x").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "x" / "gray.png")
+    with caplog.at_level("INFO", logger="mia_gen.datasets"):
+        load_dataset({"name": "image_folder", "root": str(tmp_path), "channels": 1})
+        assert not caplog.records  # nothing converted
+        load_dataset({"name": "image_folder", "root": str(tmp_path), "channels": 3, "resolution": 4})
+    assert r"shape(s) [(1, 8, 8)] to (3, 4, 4)" in caplog.text
+
+
 def test_array_missing_or_unsupported_path(tmp_path):
     with pytest.raises(MissingAssetError, match="data.path"):
         load_dataset({"name": "array", "path": str(tmp_path / "absent.npy")})

@@ -166,24 +166,61 @@ def test_finished_run_is_loaded_without_training(tmp_path):
     assert torch.allclose(denoiser.epsilon(x, t), load_denoiser({}, tmp_path).epsilon(x, t))
 
 
-def test_crash_while_writing_a_checkpoint_leaves_no_valid_checkpoint(tmp_path, monkeypatch):
+def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, monkeypatch):
     run(tmp_path / "straight")
-    real_save, calls = ddpm_trainer.atomic_replace, []
+    real_save, calls = torch.save, []
 
-    def crashing_save(path, write):
-        calls.append(path.name)
-        if path.name == "trainer_state.pt" and calls.count("trainer_state.pt") == 2:  # second checkpoint
+    def crashing_save(obj, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == 2:  # second checkpoint, after its UNets were written
             raise KeyboardInterrupt
-        return real_save(path, write)
+        return real_save(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(ddpm_trainer, "atomic_replace", crashing_save)
+    monkeypatch.setattr(torch, "save", crashing_save)
     out = tmp_path / "crashed"
     with pytest.raises(KeyboardInterrupt):
         run(out)
-    assert (out / "unet_ema").is_dir() and not (out / "trainer_state.json").exists()
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 2  # the step-4 one never landed
     monkeypatch.undo()
-    run(out)  # starts over instead of trusting the half-written checkpoint
+    run(out)  # resumes at step 2, not from the half-written checkpoint
     assert_same_checkpoint(tmp_path / "straight", out)
+
+
+def test_crash_while_moving_a_checkpoint_in_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    import os
+
+    run(tmp_path / "straight")
+    real_replace, moves = os.replace, []
+
+    def crashing_replace(src, dst):
+        if Path(src).parent.name == ".checkpoint-next" and Path(dst).parent.name != ".checkpoint-next":
+            moves.append(Path(src).name)
+            if len(moves) == 10:  # second checkpoint (6 moves each): its old unet/ is deleted, the new one not in
+                raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    out = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        run(out)
+    monkeypatch.undo()
+    assert moves[-1] == "unet" and not (out / "unet").exists()
+    run(out)
+    assert_same_checkpoint(tmp_path / "straight", out)
+
+
+@pytest.mark.parametrize("name, resuming", [
+    ("trainer_state.pt", True), ("unet_ema/diffusion_pytorch_model.safetensors", False),
+    ("scheduler/scheduler_config.json", False),
+])
+def test_a_damaged_checkpoint_is_an_error_naming_the_directory_to_delete(tmp_path, name, resuming):
+    from mia_gen.errors import CorruptStoreError
+
+    out = tmp_path / "run"
+    run(out, stop_after=3 if resuming else None)
+    (out / name).write_bytes((out / name).read_bytes()[:-10])  # truncated
+    with pytest.raises(CorruptStoreError, match=f"damaged: {name} has .*Delete {out} and train again"):
+        run(out)
 
 
 def test_no_ema_writes_no_ema_unet(tmp_path):

@@ -128,13 +128,13 @@ def test_checkpoint_files_and_modes(tmp_path):
     assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
 
 
-def test_crash_while_writing_a_checkpoint_leaves_no_valid_checkpoint(tmp_path, monkeypatch):
+def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path, monkeypatch):
     g_ref, _ = straight_run(tmp_path / "straight")
     real_save, calls = gan_trainer.save_module, []
 
     def crashing_save(module, directory, name):
         calls.append(name)
-        if len(calls) == 3:  # second checkpoint, after the generator was written
+        if len(calls) == 4:  # second checkpoint, after its generator was written
             raise KeyboardInterrupt
         return real_save(module, directory, name)
 
@@ -142,10 +142,72 @@ def test_crash_while_writing_a_checkpoint_leaves_no_valid_checkpoint(tmp_path, m
     out = tmp_path / "crashed"
     with pytest.raises(KeyboardInterrupt):
         straight_run(out)
-    assert (out / "generator.safetensors").exists() and not (out / "trainer_state.json").exists()
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 2  # the step-4 one never landed
     monkeypatch.setattr(gan_trainer, "save_module", real_save)
-    g, _ = straight_run(out)  # starts over instead of trusting the half-written checkpoint
+    g, _ = straight_run(out)  # resumes at step 2, not from the half-written checkpoint
     assert_same_weights(g, g_ref)
+    assert not (out / ".checkpoint-next").exists()
+
+
+def test_crash_while_moving_a_checkpoint_in_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    import os
+
+    g_ref, _ = straight_run(tmp_path / "straight")
+    real_replace, moves = os.replace, []
+
+    def crashing_replace(src, dst):
+        if Path(src).parent.name == ".checkpoint-next" and Path(dst).parent.name != ".checkpoint-next":
+            moves.append(Path(src).name)
+            if len(moves) == 9:  # second checkpoint (6 moves each): its discriminator has moved in
+                raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", crashing_replace)
+    out = tmp_path / "crashed"
+    with pytest.raises(KeyboardInterrupt):
+        straight_run(out)
+    monkeypatch.undo()
+    assert json.loads((out / "trainer_state.json").read_text())["step"] == 2  # beside the step-4 discriminator
+    assert json.loads((out / ".checkpoint-next" / "trainer_state.json").read_text())["step"] == 4
+    g, _ = straight_run(out)
+    assert_same_weights(g, g_ref)
+
+
+def finished_then_stopped(out):
+    """A run stopped at step 3 of 6: its next call resumes (weights and trainer state are read)."""
+    g, d = tiny_models()
+    train_gan(g, d, tiny_members(), tiny_cfg(), out, "cpu", progress=False, stop_after=3)
+    return out
+
+
+@pytest.mark.parametrize("name, damage", [
+    ("trainer_state.pt", lambda data: data[: len(data) // 2]),  # truncated
+    ("generator.safetensors", lambda data: data[:-1] + bytes([data[-1] ^ 1])),  # same size, one bit flipped
+    ("discriminator.json", lambda data: data.replace(b"{", b"[", 1)),  # garbled
+], ids=["truncated-state", "flipped-weights", "garbled-config"])
+def test_a_damaged_checkpoint_is_an_error_naming_the_directory_to_delete(tmp_path, name, damage):
+    from mia_gen.errors import CorruptStoreError
+
+    out = finished_then_stopped(tmp_path / "run")
+    (out / name).write_bytes(damage((out / name).read_bytes()))
+    with pytest.raises(CorruptStoreError, match=f"damaged: {name} .*Delete {out} and train again"):
+        straight_run(out)
+
+
+def test_a_damaged_state_without_recorded_checksums_is_an_error_too(tmp_path):
+    """Checkpoints written before sizes and sha256 were recorded: the loaders refuse unreadable files."""
+    from mia_gen.errors import CorruptStoreError
+
+    out = finished_then_stopped(tmp_path / "run")
+    summary = json.loads((out / "trainer_state.json").read_text())
+    del summary["files"]
+    (out / "trainer_state.json").write_text(json.dumps(summary))
+    (out / "trainer_state.pt").write_bytes((out / "trainer_state.pt").read_bytes()[:1000])
+    with pytest.raises(CorruptStoreError, match=f"trainer_state.pt cannot be read .*Delete {out} and train again"):
+        straight_run(out)
+    (out / "trainer_state.json").write_text('{"step": 3, "comp')
+    with pytest.raises(CorruptStoreError, match=f"trainer_state.json is not valid JSON .*Delete {out}"):
+        straight_run(out)
 
 
 def test_member_batches_cover_each_epoch_once():

@@ -1,6 +1,7 @@
 """Sample store: resumable sharded writes equal an uninterrupted run; reads cover all samples."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -84,9 +85,8 @@ def test_damaged_bytes_fail_verify_and_are_rewritten(tmp_path, reference):
     data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
     shard.write_bytes(bytes(data))
-    store = SampleStore.open(path)  # same size: only the hash sees it
     with pytest.raises(CorruptStoreError, match="shard 2.*sha256"):
-        store.verify()
+        SampleStore.open(path)  # same size: only the hash sees it, when the store is opened
     write_samples(path, image_sample_fn, **WRITE)
     SampleStore.open(path).verify()
     assert store_files(path) == reference
@@ -221,3 +221,38 @@ def test_import_samples_round_trips_and_repairs_a_damaged_shard(tmp_path):
     middle.write_bytes(middle.read_bytes()[:100])  # a crash left it truncated
     repaired = import_samples(tmp_path / "s", rows, shard_size=1000, storage_dtype="float32", progress=False)
     assert torch.equal(repaired.get(np.arange(2500)), rows)  # rows land in their own shard again
+
+
+def overwrite_keeping_size_and_mtime(file):
+    """Flip one byte in place and put the old mtime back: only a hash can tell."""
+    status = file.stat()
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0xFF
+    file.write_bytes(bytes(data))
+    os.utime(file, ns=(status.st_atime_ns, status.st_mtime_ns))
+
+
+def test_each_process_hashes_a_store_on_first_open_and_verify_rehashes(tmp_path, monkeypatch):
+    from mia_gen import checksums
+
+    path = tmp_path / "s"
+    write_samples(path, image_sample_fn, **WRITE)
+    monkeypatch.setattr(checksums, "_hashed", {})  # as in a new process
+    hashed = []
+    real_sha256 = checksums.file_sha256
+    monkeypatch.setattr(checksums, "file_sha256", lambda file: hashed.append(file.name) or real_sha256(file))
+    SampleStore.open(path)
+    assert sorted(hashed) == sorted(p.name for p in path.glob("shard_*.npy"))  # 3 shards, samples + latents
+    SampleStore.open(path)
+    assert len(hashed) == 6  # size and mtime unchanged: not hashed again in this process
+    SampleStore.open(path).verify()
+    assert len(hashed) == 12  # verify() re-hashes on demand
+
+    # Damage that keeps size and mtime passes the cheap check in this process, but not verify() ...
+    overwrite_keeping_size_and_mtime(path / "shard_00001.samples.npy")
+    with pytest.raises(CorruptStoreError, match=f"shard 1 file shard_00001.samples.npy .*sha256.*Delete {path}"):
+        SampleStore.open(path).verify()
+    # ... nor the first open of the next process.
+    monkeypatch.setattr(checksums, "_hashed", {})
+    with pytest.raises(CorruptStoreError, match=f"shard 1 .*must not be read. Delete {path}"):
+        SampleStore.open(path)
