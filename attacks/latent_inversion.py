@@ -7,8 +7,9 @@ L2 is the mean squared pixel error (as GAN-Leaks' code), LPIPS v0.1 through its 
 (`mia_gen.lpips_embedding`, so the targets' features are computed once). All queries, and all
 restarts of each query, are optimised at once with per-target optimiser state
 (`mia_gen.latent_search`); the best restart per query is kept. Initialisation: `zero`, `random`
-(seeded draws from the generator's latent prior), or `nn` (the latents of each query's nearest
-generated samples, read from the sample store, as GAN-Leaks' "nn" start).
+(draws from the generator's latent prior, a function of (seed, record id): `mia_gen.record_rng`), or
+`nn` (the latents of each query's nearest generated samples, read from the sample store, as
+GAN-Leaks' "nn" start). A query's score never depends on the other queries or on `batch_size`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 from attacks.base import Access, Attack, AttackContext, AttackOutput, check_positive_int, register_attack
 from mia_gen import latent_search
 from mia_gen.errors import MiaGenError
+from mia_gen.record_rng import LATENT_INIT, record_generator
 
 INITS = ("zero", "random", "nn")
 
@@ -108,9 +110,10 @@ def initial_latents(attack: Attack, context: AttackContext, generator: torch.nn.
                 "repeat one optimisation; use init=random or init=nn for restarts > 1."
             )
         return torch.zeros(1, n, dim)
-    if attack.init == "random":
-        rng = torch.Generator().manual_seed(int(context.seed))
-        return generator.sample_latent(restarts * n, rng).reshape(restarts, n, dim).float()
+    if attack.init == "random":  # each record's starts from its own stream: restart r is the same for any R > r
+        starts = [generator.sample_latent(restarts, record_generator(context.seed, record_id, LATENT_INIT))
+                  for record_id in np.asarray(context.record_ids).tolist()]
+        return torch.stack(starts, dim=1).reshape(restarts, n, dim).float()
     if attack.init == "nn":
         from mia_gen.neighbours import nearest_neighbours
 
@@ -173,6 +176,7 @@ def invert(objective: ReconstructionObjective, z0: torch.Tensor, optimizer: str,
 class LatentInversion(Attack):
     name = "latent_inversion"
     access = Access.WHITE_BOX
+    version = 2  # 2: init=random draws each record's starts from its own stream (was one for the batch)
     defaults = {
         "optimizer": "lbfgs",  # lbfgs | adam
         "iterations": 100,  # optimiser steps (L-BFGS: each with a line search of >= 1 evaluations)

@@ -5,7 +5,9 @@ regulariser during the search), minimised without gradients: the generator is on
 forward, under `torch.no_grad`. Searches:
 
 - `es` (default): a batched evolution strategy, (mu/mu_w, lambda) with cumulative step-size
-  adaptation, all queries moving at once (`mia_gen.latent_search.evolution_strategy`);
+  adaptation, all queries moving at once (`mia_gen.latent_search.evolution_strategy`), each start
+  drawing its candidates from its own stream, a function of (seed, record id, restart), so a
+  record's score does not depend on the records searched with it nor on `batch_size`;
 - `powell`: scipy's Powell per query, GAN-Leaks' original optimiser (slow; for comparison).
 
 The number of generator queries per record is reported in the result's info.
@@ -22,12 +24,14 @@ from attacks.latent_inversion import (
 )
 from mia_gen import latent_search
 from mia_gen.errors import MiaGenError
+from mia_gen.record_rng import LATENT_SEARCH, record_generator
 
 
 @register_attack
 class LatentInversionPBB(Attack):
     name = "latent_inversion_pbb"
     access = Access.QUERY
+    version = 2  # 2: per-record search noise and random starts (were one stream for the batch)
     defaults = {
         "search": "es",  # es | powell
         "generations": 150,  # ES generations (each: `population` queries per start)
@@ -60,14 +64,17 @@ class LatentInversionPBB(Attack):
         objective = ReconstructionObjective(generator, context.queries, self.lambda_lpips, self.lambda_z,
                                             lpips_for(self, context.device), context.device)
         index = torch.arange(len(z0), device=z0.device) % n_queries
-        rng = torch.Generator().manual_seed(int(context.seed))
+        record_ids = np.asarray(context.record_ids).tolist()
+        # start i is restart i // Q of query i % Q (restart-major, as `initial_latents`)
+        streams = [record_generator(context.seed, record_ids[i % n_queries], LATENT_SEARCH, i // n_queries)
+                   for i in range(len(z0))] if self.search == "es" else []
         found, queries = [], 0
         for s in range(0, len(z0), batch_size):
             part = index[s : s + batch_size]
             if self.search == "es":
                 result = latent_search.evolution_strategy(
                     lambda z, rows, part=part: objective(z, part[rows]), z0[s : s + batch_size],
-                    self.generations, self.population, self.sigma, rng)
+                    self.generations, self.population, self.sigma, generators=streams[s : s + batch_size])
             else:
                 result = latent_search.powell(lambda z, rows, part=part: objective(z, part[rows]),
                                               z0[s : s + batch_size], self.max_iterations)

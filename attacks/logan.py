@@ -4,7 +4,8 @@
   overfit its training set rates members as "more real" (score = its raw output, higher = member).
 - `mode=black_box`: the attacker sees only generated samples. It trains a shadow GAN (a DCGAN)
   on those samples; the shadow discriminator learns the generator's distribution, which is
-  concentrated near the members, and its output on a query is the score.
+  concentrated near the members, and its output on a query is the score. The shadow GAN is seeded
+  from the run's seed and sees no query, so a query's score does not depend on the others.
 """
 
 from __future__ import annotations
@@ -88,6 +89,7 @@ class LOGAN(Attack):
         discriminator = discriminator.to(context.device).eval()
         with torch.no_grad():
             real = discriminator(samples[:1024].to(context.device))
-            fake = discriminator(generator(generator.sample_latent(1024).to(context.device)))
+            z = generator.sample_latent(1024, torch.Generator().manual_seed(int(context.seed)))
+            fake = discriminator(generator(z.to(context.device)))
             loss = float(discriminator_loss(real, fake))
         return discriminator, loss

@@ -18,6 +18,7 @@ import torch
 
 from attacks.base import check_positive_int, is_integer  # noqa: F401  (used by the diffusion attacks)
 from mia_gen.errors import MiaGenError
+from mia_gen.record_rng import record_generator
 
 DENOISER_ATTRIBUTES = ("epsilon", "alphas_cumprod", "num_train_timesteps")
 
@@ -120,9 +121,7 @@ def record_noise(record_ids: np.ndarray, seed: int, n_draws: int, shape: Sequenc
     """
     out = torch.empty(len(record_ids), int(n_draws), *shape)
     for row, record_id in enumerate(np.asarray(record_ids).tolist()):
-        state = np.random.SeedSequence([int(seed), int(record_id)]).generate_state(1, np.uint64)
-        generator = torch.Generator().manual_seed(int(state[0]))
-        out[row] = torch.randn(int(n_draws), *shape, generator=generator)
+        out[row] = torch.randn(int(n_draws), *shape, generator=record_generator(seed, record_id))
     return out
 
 

@@ -2,9 +2,9 @@
 
 Every optimiser here takes `loss_fn(z, rows) -> (M,)`: the losses of latent codes `z` `(M, d)`
 against the targets at positions `rows` `(M,)` (int64, in [0, N)). It moves all N latents together: one generator call per step serves every target. Each target
-keeps its own optimiser state (L-BFGS history and step length, Adam moments, ES mean and step
-size), so the result for a target does not depend on which other targets share the batch: a
-batched run equals a loop over targets (up to float rounding of batched kernels).
+keeps its own optimiser state (L-BFGS history and step length, Adam moments, ES mean, step size
+and noise stream), so the result for a target does not depend on which other targets share the
+batch: a batched run equals a loop over targets (up to float rounding of batched kernels).
 
 - `lbfgs`: L-BFGS (Nocedal & Wright, Alg. 7.4/7.5) with a per-target Armijo backtracking line search;
 - `adam`: Adam (elementwise, hence per-target by construction);
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -144,12 +144,17 @@ def adam(loss_fn: LossFn, z0: torch.Tensor, iterations: int, lr: float = 0.05) -
 
 
 def evolution_strategy(loss_fn: LossFn, z0: torch.Tensor, generations: int, population: int = 16,
-                       sigma: float = 0.5, rng: torch.Generator | None = None) -> SearchResult:
+                       sigma: float = 0.5, *, generators: Sequence[torch.Generator]) -> SearchResult:
     """Gradient-free search: per target, a (mu/mu_w, lambda)-ES with cumulative step-size adaptation.
 
-    `loss_fn` is called on `N * population` candidates per generation (target-major) and only ever
-    sees latent codes, under `torch.no_grad`: nothing but G(z) is needed. Returns the best candidate seen per target.
+    `generators`: one CPU `torch.Generator` per row of `z0` `(N, d)`; target i's candidates are drawn
+    from `generators[i]` alone, so its search does not depend on the other targets. `loss_fn` is called
+    on `N * population` candidates per generation (target-major) and only ever sees latent codes, under
+    `torch.no_grad`: nothing but G(z) is needed. Returns the best candidate seen per target.
     """
+    if len(generators) != len(z0):
+        raise MiaGenError(f"evolution_strategy: one noise generator per target is needed, got {len(generators)} "
+                          f"for {len(z0)} targets.")
     generations = _check_positive_int(generations, "generations")
     population = _check_positive_int(population, "population")
     if population < 2:
@@ -173,7 +178,8 @@ def evolution_strategy(loss_fn: LossFn, z0: torch.Tensor, generations: int, popu
     best_z = mean.clone()
     evaluations = 1
     for _ in range(generations):
-        noise = torch.randn(n, population, d, generator=rng, dtype=z0.dtype).to(z0.device)
+        noise = torch.stack([torch.randn(population, d, generator=g, dtype=z0.dtype) for g in generators])
+        noise = noise.to(z0.device)
         candidates = mean[:, None] + step[:, None, None] * noise
         with torch.no_grad():
             losses = loss_fn(candidates.reshape(n * population, d),

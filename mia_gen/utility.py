@@ -195,8 +195,9 @@ class ClassifierFeatures:
         n_train = int(0.8 * len(order))
         train, held_out = order[:n_train], order[n_train:]
         x = records.get(np.arange(len(records)))
-        torch.manual_seed(seed)
-        self.model = FeatureClassifier(records.record_shape[0], int(targets.max()) + 1)
+        with torch.random.fork_rng(devices=[]):  # seeded initial weights; the run's global RNG is untouched
+            torch.manual_seed(seed)
+            self.model = FeatureClassifier(records.record_shape[0], int(targets.max()) + 1)
         optimizer = torch.optim.Adam(self.model.parameters(), lr=3e-3)
         for _ in range(config.classifier_epochs):
             for batch in torch.randperm(n_train, generator=rng).split(64):

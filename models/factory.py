@@ -69,10 +69,18 @@ def train_model(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path, dev
         return
     from models.gan_trainer import train_gan
 
-    generator = instantiate(model_cfg.generator)
-    discriminator = instantiate(model_cfg.discriminator)
-    train_gan(generator, discriminator, members, model_cfg.training, out_dir, device, progress=progress,
-              defense=defense)
+    generator, discriminator = _initial_gan(model_cfg)
+    with torch.random.fork_rng(devices=[]):  # a resumed run restores its saved RNG state inside the fork only
+        train_gan(generator, discriminator, members, model_cfg.training, out_dir, device, progress=progress,
+                  defense=defense)
+
+
+def _initial_gan(model_cfg: DictConfig) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The untrained generator and discriminator, their weights drawn from `model.training.seed` (the
+    caller's global RNG is neither read nor advanced), so the trained weights follow the training config."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(model_cfg.training.seed))
+        return instantiate(model_cfg.generator), instantiate(model_cfg.discriminator)
 
 
 def _train_federated(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path, device: torch.device,
@@ -87,7 +95,6 @@ def _train_federated(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path
             f"federated: training.steps={steps} is not a multiple of rounds={rounds}; each round trains "
             "steps / rounds local steps. Change one of them."
         )
-    init_state = torch.get_rng_state()  # every client starts from the weights pooled training would start from
 
     def train(client_members: torch.Tensor, directory: Path, stop_after: int) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -99,11 +106,10 @@ def _train_federated(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path
             return
         from models.gan_trainer import train_gan
 
+        generator, discriminator = _initial_gan(model_cfg)  # the weights pooled training would start from
         with torch.random.fork_rng(devices=[]):
-            torch.set_rng_state(init_state)
-            generator, discriminator = instantiate(model_cfg.generator), instantiate(model_cfg.discriminator)
-        train_gan(generator, discriminator, client_members, model_cfg.training, directory, device, progress=False,
-                  stop_after=stop_after, defense=Defense())
+            train_gan(generator, discriminator, client_members, model_cfg.training, directory, device,
+                      progress=False, stop_after=stop_after, defense=Defense())
 
     train_federated(members, out_dir, train, int(defense.clients), rounds, steps // rounds,
                     int(model_cfg.training.seed))

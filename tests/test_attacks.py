@@ -84,11 +84,15 @@ def test_sample_distance_equals_a_loop(small_case, k, aggregate):
 @pytest.mark.parametrize("variant", ["eps", "log", "frac"])
 @pytest.mark.parametrize("eps_method", ["median", "percentile", "fixed"])
 def test_monte_carlo_equals_a_loop(small_case, variant, eps_method):
-    params = {"variant": variant, "eps_method": eps_method, "eps": 2.0, "eps_percentile": 5.0}
+    params = {"variant": variant, "eps_method": eps_method, "eps": 2.0, "eps_percentile": 5.0, "eps_samples": 100}
     output = build_attack("monte_carlo", params)(small_case)
     distances = all_distances(small_case)
-    eps = {"median": np.median(distances.min(axis=1)), "fixed": 2.0,
-           "percentile": np.percentile(distances.ravel(), 5.0)}[eps_method]
+    # the heuristics read generated samples only: each of the first eps_samples against the other samples
+    samples = small_case.samples.get(np.arange(len(small_case.samples))).double()
+    between = torch.cdist(samples[:100], samples).numpy()
+    others = ~np.eye(100, len(samples), dtype=bool)
+    eps = {"median": np.median(np.where(others, between, np.inf).min(axis=1)), "fixed": 2.0,
+           "percentile": np.percentile(between[others], 5.0)}[eps_method]
     assert output.info["eps"] == pytest.approx(eps, rel=1e-5)
     expected = []
     for row in distances:
