@@ -1,17 +1,23 @@
 """Co-membership inference (Liu et al., "Performing Co-Membership Attacks Against Deep Generative
-Models", ICDM'19): encoder-initialised latent inversion, decided for groups of n targets.
+Models", ICDM'19): an attacker network, refined on a group's n targets jointly, starts the latent
+inversion; the group is decided by its mean reconstruction distance.
 
-1. An encoder E is trained to invert G on generated pairs: minimise ||E(G(z)) - z||^2 over fresh
-   z ~ p(z) (the attacker needs only G; no real record is used).
-2. Each target starts from z0 = E(x) and is refined by the `latent_inversion` objective (L2 +
-   lambda_lpips * LPIPS + lambda_z * (||z||^2 - dim)^2); its score is minus the reconstruction distance.
-3. A group of n targets is decided jointly, by the mean of its members' scores: the question is
-   "were all n of these records in the training set?" Averaging over the group sharpens the
-   signal as n grows. The evaluate stage (which alone sees labels) draws `n_groups` groups of
-   n members and of n non-members from the split for each n in `group_sizes` and reports
-   the AUC against n (`results.json: group_auc`, `group_auc.png`).
+1. An encoder E (the attacker network) is trained to invert G on generated pairs: minimise
+   ||E(G(z)) - z||^2 over fresh z ~ p(z) (the attacker needs only G; no real record is used).
+2. Per group of n targets (`AttackContext.groups`: drawn by the pipeline, all members or all
+   non-members, unlabelled here), a copy of E is fine-tuned by Adam for `refine_steps` steps to
+   minimise the group's mean reconstruction loss (the `latent_inversion` objective: L2 +
+   lambda_lpips * LPIPS + lambda_z * (||z||^2 - dim)^2 of G(E(x_i))). The n targets share one
+   network, so they are inverted together: what G memorised, one network can map back at once.
+3. Each target's latent optimisation starts from the refined E(x_i); the group's score is minus the
+   mean of its n reconstruction distances (`info["group_scores"]`, one per group, keyed by n).
 
-With n = 1 this is single-target inversion started at E(x).
+The per-record scores (`scores`) are the inversion started at the pre-trained E(x), each record
+alone; `evaluate` averages them over the same groups as the baseline the joint attack is compared to.
+With `refine_steps=0` a group's score is exactly that average (the joint step is what differs);
+with n = 1 the refinement is a per-record inversion over the encoder's weights before the one over z.
+Groups are batched: each group gets its own copy of E (`torch.func.vmap`), and Adam acts element by
+element, so a group's score does not depend on which groups share its batch.
 """
 
 from __future__ import annotations
@@ -67,25 +73,60 @@ def train_encoder(generator: nn.Module, image_shape: tuple[int, ...], steps: int
     return encoder.eval().requires_grad_(False), float(loss.detach())
 
 
+# Each group fine-tunes its own copy of the encoder: at most this many copied parameters at once
+# (x4 with the gradients and Adam's two moments: 256 MB of float32).
+PARAMETERS_PER_CHUNK = 2**24
+
+
+def refine_jointly(encoder: LatentEncoder, objective: ReconstructionObjective, group_size: int, steps: int,
+                   lr: float, groups_per_chunk: int) -> torch.Tensor:
+    """Liu et al.'s joint step: the targets of `objective` `(G * n, C, H, W)` form G consecutive groups of
+    n = `group_size`; per group, a copy of `encoder` is fine-tuned by Adam for `steps` steps on the group's
+    mean reconstruction loss. Returns the refined encodings `(G * n, latent_dim)` (E itself is unchanged)."""
+    targets = objective.targets
+    n_groups = len(targets) // group_size
+    encode = torch.func.vmap(lambda params, x: torch.func.functional_call(encoder, params, (x,)))
+    refined = []
+    for start in range(0, n_groups, groups_per_chunk):
+        g = min(groups_per_chunk, n_groups - start)
+        index = torch.arange(start * group_size, (start + g) * group_size, device=targets.device)
+        x = targets[index].reshape(g, group_size, *targets.shape[1:])
+        params = {name: p.detach().expand(g, *p.shape).clone().requires_grad_(True)
+                  for name, p in encoder.named_parameters()}
+        optimiser = torch.optim.Adam(list(params.values()), lr=lr)  # element-wise: the groups stay independent
+        for _ in range(steps):
+            z = encode(params, x).reshape(g * group_size, -1)
+            loss = objective(z, index).reshape(g, group_size).mean(1).sum()
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+        with torch.no_grad():
+            refined.append(encode(params, x).reshape(g * group_size, -1))
+    return torch.cat(refined)
+
+
 @register_attack
 class CoMembership(Attack):
     name = "co_membership"
     access = Access.WHITE_BOX
+    version = 2  # 2: groups refine the encoder jointly (Liu et al.); 1 averaged per-record scores
     defaults = {
         "group_sizes": [1, 2, 4, 8, 16],  # n: targets decided together
-        "n_groups": 200,  # groups of members and of non-members drawn per n at evaluation
+        "n_groups": 200,  # groups of members and of non-members the pipeline draws per n
         "encoder_steps": 1500,  # encoder training steps on generated (z, G(z)) pairs
         "encoder_batch_size": 128,
         "encoder_lr": 1.0e-3,
-        "optimizer": "lbfgs",  # refinement from E(x): lbfgs | adam
+        "refine_steps": 50,  # Adam steps fine-tuning the encoder on a group's n targets jointly
+        "refine_lr": 1.0e-4,
+        "optimizer": "lbfgs",  # latent optimisation from E(x): lbfgs | adam
         "iterations": 50,
-        "lr": 0.05,  # Adam's step size
+        "lr": 0.05,  # Adam's step size for the latent optimisation
         "lambda_lpips": 0.2,
         "lambda_z": 0.001,
         "lpips_net": "vgg",
         "lpips_resize": 64,
         "allow_random_backbone": False,  # tests only
-        "batch_size": 1024,
+        "batch_size": 1024,  # latents optimised together; also bounds the targets of a refinement chunk
     }
 
     def group_size_list(self) -> list[int]:
@@ -93,6 +134,9 @@ class CoMembership(Attack):
         if not sizes or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes):
             raise MiaGenError(f"{self.name}: group_sizes must be positive integers, got {self.group_sizes!r}.")
         return sorted(set(sizes))
+
+    def group_draw(self) -> tuple[list[int], int]:
+        return self.group_size_list(), check_positive_int(self.n_groups, "n_groups", self.name)
 
     def check_split_sizes(self, n_members: int, n_non_members: int) -> None:
         largest = max(self.group_size_list())
@@ -109,19 +153,51 @@ class CoMembership(Attack):
         return train_encoder(generator, tuple(context.queries.shape[1:]), steps, batch_size,
                              float(self.encoder_lr), int(context.seed), context.device)
 
+    def checked_groups(self, context: AttackContext) -> dict[int, np.ndarray]:
+        sizes = self.group_size_list()
+        groups = context.groups
+        if groups is None or sorted(int(n) for n in groups) != sizes:
+            raise MiaGenError(
+                f"{self.name} decides the groups the pipeline draws for group_sizes={sizes} "
+                f"(AttackContext.groups), but got {None if groups is None else sorted(groups)}; build the "
+                "context with `Pipeline.context_for` or `mia_gen.groups.draw_groups`."
+            )
+        n_queries = len(context.queries)
+        checked = {}
+        for n in sizes:
+            rows = np.asarray(groups[n], dtype=np.int64)
+            if rows.ndim != 2 or rows.shape[1] != n or len(rows) == 0 or rows.min() < 0 or rows.max() >= n_queries:
+                raise MiaGenError(f"{self.name}: groups of n={n} must be a non-empty (G, {n}) array of positions "
+                                  f"into the {n_queries} queries; got shape {rows.shape}.")
+            checked[n] = rows
+        return checked
+
     def score(self, context: AttackContext) -> AttackOutput:
         check_weights(self)
-        sizes = self.group_size_list()
-        check_positive_int(self.n_groups, "n_groups", self.name)
         generator = generator_with_latents(context, self.name)
+        groups = self.checked_groups(context)
         batch_size = check_positive_int(self.batch_size, "batch_size", self.name)
+        refine_steps = int(self.refine_steps)
+        if isinstance(self.refine_steps, bool) or refine_steps != self.refine_steps or refine_steps < 0:
+            raise MiaGenError(f"{self.name}: refine_steps must be an integer >= 0, got {self.refine_steps!r}.")
         encoder, encoder_loss = self.encoder(generator, context)
+        queries = context.queries.float().to(context.device)
         with torch.no_grad():
-            queries = context.queries.float().to(context.device)
             z0 = torch.cat([encoder(queries[s : s + batch_size]) for s in range(0, len(queries), batch_size)])
-        objective = ReconstructionObjective(generator, context.queries, self.lambda_lpips, self.lambda_z,
-                                            lpips_for(self, context.device), context.device)
+        lpips = lpips_for(self, context.device)
+        objective = ReconstructionObjective(generator, queries, self.lambda_lpips, self.lambda_z, lpips, context.device)
         distance, _, evaluations = invert(objective, z0, self.optimizer, self.iterations, self.lr, batch_size)
-        info = {"group_sizes": sizes, "n_groups": int(self.n_groups), "encoder_latent_mse": encoder_loss,
-                "loss_evaluations_per_start": evaluations, "mean_distance": float(distance.mean())}
+
+        n_parameters = sum(p.numel() for p in encoder.parameters())
+        group_scores = {}
+        for n, rows in groups.items():
+            members_of = ReconstructionObjective(generator, queries[torch.as_tensor(rows.reshape(-1))],
+                                                 self.lambda_lpips, self.lambda_z, lpips, context.device)
+            per_chunk = max(1, min(batch_size // n, PARAMETERS_PER_CHUNK // n_parameters))
+            z = refine_jointly(encoder, members_of, n, refine_steps, float(self.refine_lr), per_chunk)
+            group_distance, _, _ = invert(members_of, z, self.optimizer, self.iterations, self.lr, batch_size)
+            group_scores[str(n)] = (-group_distance.double().reshape(len(rows), n).mean(1)).cpu().tolist()
+        info = {"encoder_latent_mse": encoder_loss, "loss_evaluations_per_start": evaluations,
+                "mean_distance": float(distance.mean()),
+                "groups": {str(n): rows.tolist() for n, rows in groups.items()}, "group_scores": group_scores}
         return AttackOutput(scores=(-distance.double()).cpu().numpy().astype(np.float64), info=info)
