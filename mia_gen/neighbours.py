@@ -1,14 +1,15 @@
 """Exact k nearest neighbours in squared L2, streamed over a database too large for memory.
 
 The database is read chunk by chunk (a Tensor, a `SampleStore`, or any iterable of
-`(start, chunk)` pairs); each chunk's top k is found with faiss `IndexFlatL2` (CPU) or a
-matmul expansion ||q||^2 - 2 q.x + ||x||^2 (torch, any device), the chosen candidates' distances
+`(start, chunk)` pairs); each chunk's top k is found with a matmul expansion
+||q||^2 - 2 q.x + ||x||^2 (torch, any device; the default) or faiss `IndexFlatL2` (CPU, on request), the chosen candidates' distances
 are recomputed directly as sum((q - x)^2) (the expansion loses digits when q ~ x, which is
 exactly the case membership inference cares about), and the running top k is merged exactly.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Iterable, Iterator
 
 import numpy as np
@@ -17,6 +18,9 @@ import torch
 from mia_gen.device import resolve_device
 from mia_gen.errors import MiaGenError
 from mia_gen.sample_store import SampleStore
+
+log = logging.getLogger(__name__)
+_LOGGED_BACKENDS: set[str] = set()
 
 FeatureFn = Callable[[torch.Tensor], torch.Tensor]
 BACKENDS = ("auto", "faiss", "torch")
@@ -106,13 +110,24 @@ def _resolve_backend(backend: str, device: torch.device) -> str:
     if backend not in BACKENDS:
         raise MiaGenError(f"backend={backend!r} is unknown; use one of {BACKENDS}.")
     if backend == "auto":
-        return "faiss" if device.type == "cpu" else "torch"
+        # torch everywhere: its matmul runs on torch's own BLAS, which detects the CPU correctly;
+        # faiss-cpu's bundled OpenBLAS was seen detecting an AVX-512 Xeon as `Prescott` (no AVX) and
+        # running 4x slower than one matmul (BENCHMARKS.md (a)). faiss stays available on request.
+        _log_backend_once("torch", "auto: torch's BLAS on every device; backend='faiss' opts in to faiss-cpu")
+        return "torch"
+    _log_backend_once(backend, "requested")
     if backend == "faiss" and device.type != "cpu":
         raise MiaGenError(
             f"backend='faiss' runs on CPU (faiss-cpu) but device={device}; use backend='torch' "
             "(or 'auto') on CUDA, or device='cpu'."
         )
     return backend
+
+
+def _log_backend_once(backend: str, why: str) -> None:
+    if backend not in _LOGGED_BACKENDS:
+        _LOGGED_BACKENDS.add(backend)
+        log.info("nearest neighbours: backend %s (%s)", backend, why)
 
 
 def _sq_distance_block(q: torch.Tensor, q_norm: torch.Tensor, x: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:
@@ -164,6 +179,9 @@ def _chunk_topk_torch(q: torch.Tensor, x: torch.Tensor, k: int) -> torch.Tensor:
     out = []
     for s in range(0, len(q), step):
         d = torch.addmm(x_norm.unsqueeze(0), q[s : s + step], x.T, beta=1.0, alpha=-2.0)
+        if k == 1:  # one pass; argmin returns the first (smallest-index) minimum, so ties need no re-pick
+            out.append(d.argmin(dim=1, keepdim=True))
+            continue
         values, local = torch.topk(d, k, dim=1, largest=False, sorted=False)
         # topk picks an arbitrary row among equal distances (duplicate samples); rows whose k-th
         # distance is shared beyond the top k are re-picked by a stable sort: smaller index wins.
@@ -225,8 +243,8 @@ def nearest_neighbours(
     queries (`torch.Tensor` of shape `(Q, ...)`), database (Tensor `(N, ...)`, `SampleStore` or
     iterable of `(start, chunk)`); both flattened to D features, or mapped to `(n, D)` by
     `feature_fn` (applied to raw chunks on CPU; e.g. an `LPIPSEmbedding`).
-    backend: "faiss" (IndexFlatL2 per chunk, CPU), "torch" (matmul, any device), "auto" (faiss on
-    CPU, torch on CUDA). Returns `(sq_distances, indices)`: float32 `(Q, k)` ascending, >= 0, and
+    backend: "torch" (matmul, any device), "faiss" (IndexFlatL2 per chunk, CPU), "auto" (torch; the
+    run log says which backend ran and why). Returns `(sq_distances, indices)`: float32 `(Q, k)` ascending, >= 0, and
     int64 `(Q, k)` database row indices; ties go to the smaller index. Results are on CPU.
     """
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
