@@ -41,6 +41,9 @@ class AttackContext:
     reference_model: the same queries seen through a reference model (an `AttackContext` whose
         generator / samples / discriminator come from a model trained the same way on reference
         records), only for attacks that calibrate against one (`needs_reference_model`).
+    groups (`{n: np.ndarray of shape (G, n)}`): only for attacks that decide groups of records jointly
+        (`Attack.group_draw`, co-membership): rows of positions into `queries`, each all members or all
+        non-members, shuffled together and unlabelled (drawn by the pipeline, labelled again only in `evaluate`).
     """
 
     queries: torch.Tensor
@@ -52,6 +55,7 @@ class AttackContext:
     labelled_subset: Optional[tuple[np.ndarray, np.ndarray]] = None
     reference: Optional[torch.Tensor] = None
     reference_model: Optional["AttackContext"] = None
+    groups: Optional[dict[int, np.ndarray]] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
 
@@ -107,6 +111,10 @@ class Attack:
     name: ClassVar[str]
     access: ClassVar[Access]
     defaults: ClassVar[dict[str, Any]] = {}
+    # The attack's code identity, part of its scores' cache key beside the package version: bump it with
+    # any change to how the attack computes its scores (a formula, a random draw), so that scores cached
+    # by the old code are recomputed. A subclass shares its parent's version unless it sets its own.
+    version: ClassVar[int] = 1
     needs_reference_data: bool = False  # subclasses may make this a property of their config
     needs_labelled_subset: bool = False  # learns from a labelled part of the queries (then excluded)
     needs_reference_model: bool = False  # compares against a model trained the same way on reference data
@@ -128,11 +136,21 @@ class Attack:
             setattr(self, key, value)
         self.config = {"_target_": f"{type(self).__module__}.{type(self).__qualname__}", **settings}
 
+    def code_versions(self) -> dict[str, int]:
+        """`{attack name: version}` of every attack whose code computes these scores (a wrapper adds the
+        attack it wraps); part of the scores' cache key."""
+        return {self.name: self.version}
+
     def score(self, context: AttackContext) -> AttackOutput:
         raise NotImplementedError
 
     def check_split_sizes(self, n_members: int, n_non_members: int) -> None:
         """Fail before any work when the split cannot serve the attack (e.g. groups larger than it)."""
+
+    def group_draw(self) -> Optional[tuple[list[int], int]]:
+        """`(group sizes, groups per class and size)` for an attack that decides groups of records jointly
+        (the pipeline then fills `AttackContext.groups`); None for a per-record attack."""
+        return None
 
     def __call__(self, context: AttackContext) -> AttackOutput:
         self.check_context(context)

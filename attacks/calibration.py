@@ -53,6 +53,9 @@ class Calibration(Attack):
     def check_split_sizes(self, n_members: int, n_non_members: int) -> None:
         self.inner.check_split_sizes(n_members, n_non_members)
 
+    def code_versions(self) -> dict[str, int]:
+        return {**self.inner.code_versions(), self.name: self.version}
+
     def check_context(self, context: AttackContext) -> None:
         if context.reference_model is None:
             raise MiaGenError(

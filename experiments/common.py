@@ -28,18 +28,39 @@ def run_stage(cfg: DictConfig, stage: str):
     return pipeline.run(stage)
 
 
+USAGE_ERROR = 2  # exit code: the command line, config or input cannot be used; the message says what to change
+# (0 = done; 1 = a crash, i.e. a bug, with its traceback; mia-gen-audit adds its own verdict codes)
+
+
 def hydra_entry(stage: str):
-    """A console-script `main` that runs the pipeline up to `stage` with Hydra's full CLI."""
+    """A console-script `main` that runs the pipeline up to `stage` with Hydra's full CLI.
+
+    Hydra exits 1 on its own errors (a typo'd key, an unknown config group option), the code of a crash;
+    `main` turns an error raised before any job started into `USAGE_ERROR`, so each code means one thing.
+    """
+    started: list[bool] = []
 
     @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
-    def main(cfg: DictConfig) -> None:
+    def job(cfg: DictConfig) -> None:
+        started.append(True)
         try:
             run_stage(cfg, stage)
         except MiaGenError as error:
             log.error("%s", error)
             print(f"mia-gen: error: {error}", file=sys.stderr)
             if HydraConfig.get().mode.name == "RUN":
-                sys.exit(2)
+                sys.exit(USAGE_ERROR)
             raise  # in a multirun, Hydra records the failed job and goes on with the others
+
+    def main() -> None:
+        started.clear()
+        try:
+            job()
+        except SystemExit as exit_:
+            if exit_.code == 1 and not started:
+                print("mia-gen: error: the command line or config is invalid (Hydra's message above).",
+                      file=sys.stderr)
+                sys.exit(USAGE_ERROR)
+            raise
 
     return main

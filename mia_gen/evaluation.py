@@ -15,7 +15,10 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
-from mia_gen.metrics import auc, evaluate_scores, group_auc, roc_points
+from mia_gen.blind_baseline import blind_baseline
+from mia_gen.errors import MiaGenError
+from mia_gen.groups import per_record_average
+from mia_gen.metrics import auc, calibrated_sign, evaluate_scores, group_auc, roc_points
 from mia_gen.report import (
     format_results_table,
     plot_group_auc,
@@ -30,7 +33,9 @@ from mia_gen.tracking import make_tracker
 log = logging.getLogger(__name__)
 
 # Per-record detail an attack keeps in its cached scores, not copied into results.json.
-_BULKY_INFO = ("sweep", "trained_on", "target_scores", "reference_scores")
+_BULKY_INFO = ("sweep", "trained_on", "target_scores", "reference_scores", "groups", "group_scores")
+# Where an attack's score direction comes from (`evaluation.sign`; DESIGN.md "Sign is fixed before evaluation").
+SIGN_SOURCES = ("declared", "labelled_subset")
 
 
 def labels_for(record_ids: np.ndarray, members: np.ndarray) -> np.ndarray:
@@ -49,14 +54,43 @@ def write_scores_csv(path: Path, scored: dict[str, dict], members: np.ndarray) -
                 writer.writerow([name, int(record_id), int(is_member), repr(float(score))])
 
 
-def evaluated_part(entry: dict) -> dict:
-    """The entry without the records an attack learnt from (`info["trained_on"]` positions):
-    those are never scored as if unseen. `kept` holds the remaining positions."""
+def sign_mode(evaluation) -> str:
+    """`evaluation.sign`: `declared` (each attack's own direction) or `labelled_subset` (learnt there)."""
+    mode = evaluation.get("sign", "declared")
+    if mode not in SIGN_SOURCES:
+        raise MiaGenError(f"evaluation.sign={mode!r} is not one of {SIGN_SOURCES}: use `declared` (the score as the "
+                          "attack defines it) or `labelled_subset` (learnt on the labelled calibration subset, "
+                          "which is then left out of the evaluation).")
+    return mode
+
+
+def evaluated_part(entry: dict, labelled: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
+    """The entry as it is evaluated: signed, and without the records its sign or scores were learnt on.
+
+    An attack that trained on a labelled subset (`info["trained_on"]` positions, e.g. SecMI-NNs)
+    keeps its declared sign +1 and drops those records. Otherwise, given `labelled` = `(positions,
+    labels)` (`Pipeline.labelled_subset()`: positions into the entry's records, `(K,)` each), the
+    sign is learnt there (`metrics.calibrated_sign`) and those records are dropped; without it the
+    declared sign +1 is kept and every record evaluated. The sign is fixed before any evaluated
+    record is seen (reading max(AUC, 1 - AUC) on them would be fitting on the test set).
+
+    Returns:
+        The entry with `record_ids`, `scores` (times the sign) and `neighbour_indices` cut to the
+        evaluated records, plus `kept` (their positions), `sign` (+1 / -1) and `sign_source`.
+    """
     n = len(entry["record_ids"])
-    kept = np.setdiff1d(np.arange(n), np.asarray(entry["info"].get("trained_on") or [], dtype=int))
-    part = {**entry, "kept": kept,
+    scores = np.asarray(entry["scores"], dtype=np.float64)
+    trained_on = entry["info"].get("trained_on")
+    if trained_on or labelled is None:
+        excluded, sign, source = np.asarray(trained_on or [], dtype=int), 1, "declared"
+    else:
+        positions, labels = labelled
+        excluded, source = np.asarray(positions, dtype=int), "labelled_subset"
+        sign = calibrated_sign(labels, scores[excluded])
+    kept = np.setdiff1d(np.arange(n), excluded)
+    part = {**entry, "kept": kept, "sign": sign, "sign_source": source,
             "record_ids": np.asarray(entry["record_ids"])[kept].tolist(),
-            "scores": np.asarray(entry["scores"])[kept].tolist()}
+            "scores": (sign * scores[kept]).tolist()}
     if entry.get("neighbour_indices"):
         part["neighbour_indices"] = np.asarray(entry["neighbour_indices"])[kept].tolist()
     return part
@@ -71,13 +105,33 @@ def _most_exposed(labels: np.ndarray, scores: np.ndarray, n_rows: int) -> np.nda
     return np.asarray(rows)
 
 
-def write_outputs(pipeline, scored: dict[str, dict]) -> list[dict]:
+def _group_aucs(entry: dict, labels: np.ndarray, scores: np.ndarray) -> tuple[dict, dict]:
+    """Co-membership: per group size n, `({n: AUC of the attack's joint group scores}, {n: AUC of the mean of
+    the group's per-record scores})`, both on the attack's groups and read with the entry's sign. `labels`,
+    `scores` `(K,)` are the evaluated records'; the groups index all of the entry's records."""
+    kept = np.asarray(entry["kept"])  # sorted
+    joint, average = {}, {}
+    for n, group_scores in sorted(entry["info"]["group_scores"].items(), key=lambda item: int(item[0])):
+        positions = np.asarray(entry["info"]["groups"][n], dtype=np.int64)
+        rows = np.searchsorted(kept, positions)
+        if not np.array_equal(kept[np.minimum(rows, len(kept) - 1)], positions):
+            raise MiaGenError(f"attack '{entry['attack']}': its groups hold records that are left out of the "
+                              "evaluation; groups must be drawn from the evaluated records (Pipeline.groups).")
+        joint[n] = group_auc(labels, rows, entry["sign"] * np.asarray(group_scores, dtype=np.float64))
+        average[n] = group_auc(labels, rows, per_record_average(scores, rows))
+    return joint, average
+
+
+def write_outputs(pipeline, scored: dict[str, dict], on_written=None) -> list[dict]:
+    """Write the run's files, then call `on_written(results)` (e.g. the release gate writes its verdict),
+    then log to W&B: a tracking failure never loses what was written before it."""
     cfg, run_dir = pipeline.cfg, pipeline.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     members = pipeline.split.members
     evaluation = cfg.evaluation
     results, curves = [], {}
-    scored = {name: evaluated_part(entry) for name, entry in scored.items()}
+    labelled = pipeline.labelled_subset() if sign_mode(evaluation) == "labelled_subset" else None
+    scored = {name: evaluated_part(entry, labelled) for name, entry in scored.items()}
     sweeps, groups = {}, {}
     for name, entry in scored.items():
         labels = labels_for(np.asarray(entry["record_ids"]), members)
@@ -85,23 +139,25 @@ def write_outputs(pipeline, scored: dict[str, dict]) -> list[dict]:
         metrics = evaluate_scores(labels, scores, alphas=tuple(evaluation.alphas),
                                   n_bootstrap=int(evaluation.n_bootstrap), seed=int(cfg.seed))
         info = {k: v for k, v in entry["info"].items() if k not in _BULKY_INFO}
-        result = {"attack": name, "access": entry["access"], **metrics, "seconds": entry["seconds"],
+        result = {"attack": name, "access": entry["access"], **metrics, "sign": entry["sign"],
+                  "sign_source": entry["sign_source"], "seconds": entry["seconds"],
                   "config": entry["config"], "info": info}
         if entry["info"].get("sweep"):
             sweeps[name] = result["auc_by_timestep"] = {
-                str(t): auc(labels, np.asarray(values, dtype=np.float64)[entry["kept"]])
+                str(t): auc(labels, entry["sign"] * np.asarray(values, dtype=np.float64)[entry["kept"]])
                 for t, values in entry["info"]["sweep"].items()
             }
-        if entry["info"].get("group_sizes"):
-            groups[name] = result["group_auc"] = {
-                str(n): group_auc(labels, scores, int(n), int(entry["info"]["n_groups"]), seed=int(cfg.seed))
-                for n in entry["info"]["group_sizes"]
-            }
+        if entry["info"].get("group_scores"):
+            result["group_auc"], result["group_auc_per_record_average"] = _group_aucs(entry, labels, scores)
+            groups[name] = result["group_auc"]
+            groups[f"{name} (per-record average)"] = result["group_auc_per_record_average"]
         results.append(result)
         curves[name] = (labels, scores)
 
     metadata = pipeline.metadata()
-    payload = {"config_hash": pipeline.config_hash, "metadata": metadata, "attacks": results}
+    blind = _blind_baseline(pipeline)
+    payload = {"config_hash": pipeline.config_hash, "metadata": metadata, "attacks": results,
+               "blind_baseline": blind}
     tmp = run_dir / "results.json.tmp"
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, run_dir / "results.json")
@@ -130,15 +186,35 @@ def write_outputs(pipeline, scored: dict[str, dict]) -> list[dict]:
         plot_nearest_neighbours(queries, neighbours, run_dir / "nearest_neighbours.png",
                                 query_labels=labels[rows], distances=l2.numpy())
         images[f"Most exposed records and their nearest samples ({name})"] = "nearest_neighbours.png"
-    write_report(run_dir, results, metadata, images)
+    write_report(run_dir, results, metadata, images, blind_baseline=blind)
+    if on_written is not None:
+        on_written(results)
 
-    _track(pipeline, results, curves, images, metadata)
+    _track(pipeline, results, curves, images, metadata, blind)
     print(format_results_table(results))
+    if blind is not None:
+        print(("\n!!! " if blind["shifted"] else "\n") + blind["message"])
     log.info("outputs in %s", run_dir)
     return results
 
 
-def _track(pipeline, results: list[dict], curves: dict, images: dict[str, str], metadata: dict) -> None:
+def _blind_baseline(pipeline) -> dict | None:
+    """`blind_baseline.blind_baseline` on every member and non-member (None when
+    `evaluation.blind_baseline` is false); a shifted split is also logged as a warning. Its interval
+    always has its own 1000 resamples: it decides the warning, so a shrunk `evaluation.n_bootstrap`
+    must not make it noisy."""
+    if not pipeline.cfg.evaluation.get("blind_baseline", True):
+        return None
+    ids = pipeline.query_ids
+    blind = blind_baseline(pipeline.records.get(ids), labels_for(ids, pipeline.split.members),
+                           seed=int(pipeline.cfg.seed))
+    if blind["shifted"]:
+        log.warning(blind["message"])
+    return blind
+
+
+def _track(pipeline, results: list[dict], curves: dict, images: dict[str, str], metadata: dict,
+           blind: dict | None) -> None:
     cfg, run_dir = pipeline.cfg, pipeline.run_dir
     config = OmegaConf.to_container(cfg, resolve=True)
     tracker = make_tracker(cfg.logger, run_dir, config, job_name=run_dir.name)
@@ -151,9 +227,14 @@ def _track(pipeline, results: list[dict], curves: dict, images: dict[str, str], 
             name = result["attack"]
             summary[name] = {"auc": result["auc"], "asr": result["asr"],
                              "tpr_at_fpr": result["tpr_at_fpr"], "ci95": result["ci95"],
+                             "sign": result["sign"], "sign_source": result["sign_source"],
                              "seconds": result["seconds"]}
             fpr, tpr, _ = roc_points(*curves[name])
             tracker.log_roc(name, fpr, tpr)
+        if blind is not None:
+            summary["blind_baseline"] = {key: blind[key] for key in ("auc", "ci95", "shifted")}
+            if blind["shifted"]:  # shown beside the metrics it qualifies
+                summary["warning"] = blind["message"]
         tracker.log_summary(summary)
         rows = [[name, int(label), float(score)] for name, (labels, scores) in curves.items()
                 for label, score in zip(labels, scores)]

@@ -15,12 +15,14 @@ import numpy as np
 from sklearn.metrics import roc_auc_score, roc_curve
 
 from mia_gen.errors import MiaGenError
+from mia_gen.groups import group_labels
 
 __all__ = [
     "UnresolvableMetricWarning",
     "asr",
     "auc",
     "bootstrap_ci",
+    "calibrated_sign",
     "evaluate_scores",
     "fpr_is_resolvable",
     "roc_points",
@@ -103,6 +105,17 @@ def auc(labels, scores) -> float:
     """Area under the ROC curve (`sklearn.metrics.roc_auc_score`), in [0, 1]; 0.5 = chance."""
     labels, scores = _validate(labels, scores)
     return float(roc_auc_score(labels, scores))
+
+
+def calibrated_sign(labels, scores) -> int:
+    """The score direction learnt on labelled calibration records: -1 when their AUC is below 0.5
+    (the attack's scores run the wrong way), else +1 (a tie keeps the declared direction).
+
+    Args:
+        labels: shape `(K,)` of the calibration records, 1 = member, 0 = non-member.
+        scores: shape `(K,)`, the attack's declared scores of those records.
+    """
+    return -1 if auc(labels, scores) < 0.5 else 1
 
 
 def asr(labels, scores) -> float:
@@ -353,26 +366,11 @@ def evaluate_scores(
     }
 
 
-def group_auc(labels, scores, group_size: int, n_groups: int, seed: int = 0) -> float:
-    """AUC of deciding groups of `group_size` records jointly (co-membership, Liu et al. ICDM'19).
+def group_auc(labels, groups, group_scores) -> float:
+    """AUC of deciding groups of records jointly (co-membership, Liu et al. ICDM'19).
 
-    `n_groups` groups of distinct members and `n_groups` groups of distinct non-members are drawn
-    (seeded); a group's score is the mean of its records' scores. Size 1 is the per-record AUC.
+    labels (`(Q,)`, 1 = member): the queries' membership. groups (`(G, n)`): positions into the queries,
+    each group all members or all non-members (`mia_gen.groups.draw_groups`). group_scores (`(G,)`):
+    one score per group, higher = "all n are members".
     """
-    labels, scores = _validate(labels, scores)
-    if isinstance(group_size, bool) or not isinstance(group_size, (int, np.integer)) or group_size < 1:
-        raise MiaGenError(f"group_size must be a positive integer, got {group_size!r}.")
-    if group_size == 1:
-        return auc(labels, scores)
-    rng = np.random.default_rng([int(seed), int(group_size)])
-    group_scores = []
-    for label in (1, 0):
-        pool = scores[labels == label]
-        if group_size > len(pool):
-            raise MiaGenError(
-                f"groups of {group_size} need at least {group_size} {'members' if label else 'non-members'} "
-                f"but {len(pool)} are evaluated; use smaller group sizes or a larger split."
-            )
-        picks = np.argsort(rng.random((int(n_groups), len(pool))), axis=1)[:, :group_size]
-        group_scores.append(pool[picks].mean(axis=1))
-    return auc(np.r_[np.ones(int(n_groups)), np.zeros(int(n_groups))], np.r_[group_scores[0], group_scores[1]])
+    return auc(group_labels(groups, labels), np.asarray(group_scores, dtype=np.float64))

@@ -1,7 +1,8 @@
 """The stages of a run — train, sample, attack, evaluate — each cached by the config it depends on.
 
 Stage keys chain: train = hash(data, split, model, defense); sample = hash(train, sampling);
-attack = hash(sample or train, split, attack). A sweep that changes only attack parameters never
+attack = hash of the scores' identity (`Pipeline.score_identity`: sample and/or train, split, the
+attack's settings and code version, ...). A sweep that changes only attack parameters never
 retrains or resamples; a stage that finds its output complete in the cache reuses it.
 """
 
@@ -19,14 +20,17 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+import mia_gen
 from attacks.base import Access, Attack, AttackContext, AttackOutput, build_attack
 from mia_gen.datasets import load_dataset
 from mia_gen.device import resolve_device
 from mia_gen.errors import CorruptStoreError, MiaGenError, MissingAssetError
+from mia_gen.groups import draw_groups
 from mia_gen.hashing import config_hash, files_fingerprint
 from mia_gen.locks import exclusive
+from mia_gen.provenance import code_versions
 from mia_gen.sample_store import SampleStore, import_samples, write_samples
-from mia_gen.splits import load_or_make_split
+from mia_gen.splits import load_or_make_split, membership_source
 from models.checkpoint import STATE_JSON
 from models.defense import Defense, effective_training
 from models.factory import load_diffusion_denoiser, load_discriminator, load_generator, train_model
@@ -56,7 +60,9 @@ class Pipeline:
         self.cache_dir = Path(cfg.cache_dir).expanduser().resolve()
         self.device = resolve_device(cfg.device)
         self.progress = bool(cfg.get("progress", True))
-        torch.manual_seed(int(cfg.seed))
+        # No global RNG is seeded here: every stage draws from its own generators, seeded from the config
+        # (trainers from `model.training.seed`, samples per shard, attacks per record), so building a
+        # pipeline (e.g. a calibration's reference pipeline) mid-run changes no other stage's draws.
         if cfg.get("threads"):
             torch.set_num_threads(int(cfg.threads))
 
@@ -67,7 +73,14 @@ class Pipeline:
 
     @cached_property
     def split(self):
-        return load_or_make_split(self.cfg.split, self.records)
+        split = load_or_make_split(self.cfg.split, self.records)
+        if self.external_target is not None and membership_source(self.cfg.split) is None:
+            log.warning(
+                "the split is DRAWN AT RANDOM (seed %d), but %s was not trained by this run: unless it was "
+                "trained by mia-gen on this very split, its 'members' are random records and every AUC is "
+                "near 0.5 however much it leaks. Give its training membership: split.path=<split.json> or "
+                "split.members_file=<file of record ids>.", split.seed, self.external_target)
+        return split
 
     training_role = "members"
 
@@ -82,6 +95,18 @@ class Pipeline:
         return np.sort(np.concatenate([self.split.members, self.split.non_members]))
 
     @property
+    def external_target(self) -> str | None:
+        """What this run attacks that it did not train (a synthetic dataset, a given sample store or
+        checkpoint), in words; None when the run trains the model on the split's members itself."""
+        if self.synthetic_path is not None:
+            return f"the synthetic dataset {self.synthetic_path}"
+        if self.cfg.sampling.get("store"):
+            return f"the sample store {self.cfg.sampling.store}"
+        if self.cfg.model.get("checkpoint"):
+            return f"the model {self.cfg.model.name} at {self.cfg.model.checkpoint}"
+        return None
+
+    @property
     def synthetic_path(self) -> Path | None:
         """The synthetic dataset under audit, when the run audits data instead of a model."""
         path = (self.cfg.get("synthetic") or {}).get("path")
@@ -89,15 +114,26 @@ class Pipeline:
 
     @cached_property
     def synthetic_records(self):
+        """The synthetic records, each of the data's record shape (the attacks compare them one to one
+        with real records). An array of another shape is refused with the shape it needs; an image
+        folder's images are converted to the data's channels and size (`load_dataset` logs the conversion)."""
+        need = self.records.record_shape
         if self.synthetic_path.is_dir():
             spec = {"name": "image_folder", "root": str(self.synthetic_path)}
+            if self.records.kind == "image":
+                spec.update(channels=need[0], resolution=need[-1])
         else:
             spec = {"name": "array", "path": str(self.synthetic_path),
                     "value_range": list(self.cfg.synthetic.value_range)}
-        if self.records.kind == "image":  # bring the synthetic images to the records' size
-            channels, resolution = self.records.record_shape[0], self.records.record_shape[-1]
-            spec.update(resolution=resolution, channels=channels)
-        return load_dataset(spec)
+        synthetic = load_dataset(spec)
+        if synthetic.kind != self.records.kind or synthetic.record_shape != need:
+            raise MiaGenError(
+                f"synthetic.path={self.synthetic_path} holds {synthetic.kind} records of shape "
+                f"{synthetic.record_shape}, but the records of data={self.cfg.data.name} are {self.records.kind} "
+                f"of shape {need}, and every synthetic record is compared with real ones: give an array of shape "
+                f"(N, {', '.join(map(str, need))}) (images may also be a folder, converted to the data's size)."
+            )
+        return synthetic
 
     def require_model(self, what: str) -> None:
         if self.synthetic_path is not None:
@@ -225,14 +261,49 @@ class Pipeline:
             return "uint8" if self.records.kind == "image" else "float32"
         return storage_dtype
 
-    def attack_key(self, name: str, attack: Attack) -> str:
-        upstream = self.sample_key if attack.uses_samples else self.train_key
-        payload = {"upstream": upstream, "split": self.split_key, "attack": name,
-                   "config": attack.config, "seed": int(self.cfg.seed)}
+    def upstream_keys(self, attack: Attack) -> dict[str, str]:
+        """The keys of what an attack reads: the sample store if it uses one, the model if it queries
+        it (a given store's key does not hold the model's, so both may be needed)."""
+        keys = {}
+        if attack.uses_samples:
+            keys["samples"] = self.sample_key
+        if attack.access is not Access.SAMPLES:
+            keys["model"] = self.train_key
+        return keys
+
+    def score_identity(self, name: str, attack: Attack) -> dict:
+        """Everything an attack's scores depend on; its hash is their cache key (README "Score identity").
+
+        The attack's settings and code (`Attack.version` of it and of any attack it wraps, the package
+        version), the keys of the model / sample store it reads (they hold the data, training and
+        sampling), the split (it holds the data's fingerprint), the seed and the device type (CPU and
+        CUDA kernels agree only to float precision, so a score is reused only on the kind of device that
+        computed it), and where the attack uses them: the labelled subset (positions and labels), the
+        reference model's keys and the co-membership groups. Not keyed: `threads`, paths, the library
+        versions and git commit (recorded in the score file, `versions`), and the evaluation settings
+        that only change metrics (tests/test_score_identity.py).
+        """
+        identity = {"attack": name, "config": attack.config,
+                    "code": {"mia_gen": mia_gen.__version__, "attacks": attack.code_versions()},
+                    "upstream": self.upstream_keys(attack), "split": self.split_key, "seed": int(self.cfg.seed),
+                    "device": self.device.type}
+        if attack.needs_labelled_subset:  # the scores depend on exactly which records it learns from
+            positions, labels = self.labelled_subset()
+            identity["labelled_subset"] = config_hash({"positions": positions.tolist(), "labels": labels.tolist()})
         if attack.needs_reference_model:
-            reference = self.reference_pipeline(attack)
-            payload["reference"] = reference.sample_key if attack.uses_samples else reference.train_key
-        return config_hash(payload)
+            identity["reference"] = self.reference_pipeline(attack).upstream_keys(attack)
+        if attack.group_draw() is not None:  # group scores depend on the groups drawn
+            identity["groups"] = config_hash({str(n): rows.tolist()
+                                              for n, rows in self.groups(*attack.group_draw()).items()})
+        return identity
+
+    def attack_key(self, name: str, attack: Attack) -> str:
+        return config_hash(self.score_identity(name, attack))
+
+    @cached_property
+    def versions(self) -> dict:
+        """The code this process runs (`mia_gen.provenance.code_versions`), for results and score files."""
+        return code_versions()
 
     @property
     def config_hash(self) -> str:
@@ -292,9 +363,9 @@ class Pipeline:
             store = SampleStore.open(self.sample_dir)
             log.info("sample: cached store %s (%d samples)", self.sample_dir, len(store))
             return store
-        except CorruptStoreError as reason:
+        except CorruptStoreError as reason:  # a store this pipeline writes: finish or repair it
             if self.sample_dir.exists():
-                log.info("sample: resuming (%s)", reason)
+                log.warning("sample: rebuilding the cached store, keeping its intact shards (%s)", reason)
         sampling = self.cfg.sampling
         if self.synthetic_path is not None:
             log.info("sample: importing the synthetic dataset %s -> %s", self.synthetic_path, self.sample_dir)
@@ -358,6 +429,8 @@ class Pipeline:
             context.labelled_subset = self.labelled_subset()
         if attack.needs_reference_data:
             context.reference = self.records.get(self.split.reference)
+        if attack.group_draw() is not None:
+            context.groups = self.groups(*attack.group_draw())
         if attack.needs_reference_model and reference_model:
             context.reference_model = self.reference_pipeline(attack).context_for(attack, reference_model=False)
             context.reference_model.labelled_subset = context.labelled_subset
@@ -391,6 +464,17 @@ class Pipeline:
             )
         return positions, labels
 
+    def groups(self, sizes: list[int], n_groups: int) -> dict[int, np.ndarray]:
+        """Seeded co-membership groups (`mia_gen.groups.draw_groups`): per size n, `n_groups` groups of n
+        members and as many of n non-members, as positions into the queries, shuffled together; the attack
+        gets them unlabelled. Records that evaluation leaves out (a labelled calibration subset under
+        `evaluation.sign=labelled_subset`) are never drawn."""
+        is_member = np.isin(self.query_ids, self.split.members)
+        eligible = None
+        if self.cfg.evaluation.get("sign", "declared") == "labelled_subset":
+            eligible = np.setdiff1d(np.arange(len(self.query_ids)), self.labelled_subset()[0])
+        return draw_groups(is_member, sizes, n_groups, seed=int(self.cfg.seed), eligible=eligible)
+
     def score_path(self, name: str, attack: Attack) -> Path:
         return self.cache_dir / "scores" / f"{name}-{self.attack_key(name, attack)}.json"
 
@@ -400,8 +484,10 @@ class Pipeline:
         for name, attack in self.attacks().items():
             path = self.score_path(name, attack)
             if path.is_file():
-                log.info("attack %s: cached scores %s", name, path.name)
                 scored[name] = json.loads(path.read_text())
+                computed_with = scored[name].get("versions") or {}
+                log.info("attack %s: cached scores %s (computed by mia-gen %s, commit %s)", name, path.name,
+                         computed_with.get("mia_gen"), computed_with.get("git_commit"))
                 continue
             if require_cached:
                 raise MiaGenError(
@@ -420,6 +506,9 @@ class Pipeline:
                 "neighbour_indices": None if output.neighbour_indices is None
                 else np.asarray(output.neighbour_indices).tolist(),
                 "info": output.info, "seconds": seconds,
+                # what the key hashes, and the code and device that computed the scores: traceable
+                "identity": self.score_identity(name, attack), "versions": self.versions,
+                "device": str(self.device),
             }
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_json_atomic(path, entry)
@@ -449,6 +538,17 @@ class Pipeline:
         return result
 
     # ---- evaluate -----------------------------------------------------------------------
+    def score_sources(self) -> dict[str, dict]:
+        """Per attack, the cached score file its scores are read from, and the code (`versions`) and device
+        that computed them: a score reused from an earlier run stays traceable."""
+        sources = {}
+        for name, attack in self.attacks().items():
+            path = self.score_path(name, attack)
+            if path.is_file():
+                entry = json.loads(path.read_text())
+                sources[name] = {"file": path.name, "versions": entry.get("versions"), "device": entry.get("device")}
+        return sources
+
     def metadata(self) -> dict:
         meta = {
             "config_hash": self.config_hash, "train_key": self.train_key,
@@ -458,9 +558,11 @@ class Pipeline:
                       "fingerprint": self.synthetic_records.fingerprint}
             if self.synthetic_path is not None
             else {"name": self.cfg.model.name, "family": self.cfg.model.family, "dir": str(self.model_dir)},
-            "split": {"n_members": len(self.split.members), "n_non_members": len(self.split.non_members),
+            "split": {"membership": membership_source(self.cfg.split) or "drawn",
+                      "n_members": len(self.split.members), "n_non_members": len(self.split.non_members),
                       "n_reference": len(self.split.reference), "seed": self.split.seed},
-            "seed": int(self.cfg.seed), "device": str(self.device),
+            "seed": int(self.cfg.seed), "device": str(self.device), "versions": self.versions,
+            "scores": self.score_sources(),
         }
         if self.synthetic_path is None:
             defense = self.defense
@@ -485,11 +587,12 @@ class Pipeline:
                                "shape": list(store.sample_shape)}
         return meta
 
-    def evaluate(self, require_cached: bool = False) -> list[dict]:
+    def evaluate(self, require_cached: bool = False, on_written=None) -> list[dict]:
+        """Metrics and outputs of the scores; `on_written(results)` runs after the files, before W&B."""
         from mia_gen.evaluation import write_outputs
 
         scored = self.attack(require_cached=require_cached)
-        return write_outputs(self, scored)
+        return write_outputs(self, scored, on_written=on_written)
 
     def run(self, stage: str = "evaluate") -> object:
         """Run up to and including `stage`, reusing every cached earlier stage."""

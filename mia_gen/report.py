@@ -170,16 +170,37 @@ def plot_timestep_sweep(sweeps: Mapping[str, Mapping[str, float]], path) -> Path
 
 
 def plot_group_auc(groups: Mapping[str, Mapping[str, float]], path) -> Path:
-    """AUC against the group size n (co-membership), one line per attack, log2 x axis.
+    """AUC against the group size n (co-membership), one line per series, log2 x axis: the joint attack
+    beside the per-record-average baseline on the same groups.
 
     Args:
-        groups: `{attack_name: {str(n): auc}}`.
+        groups: `{series_name: {str(n): auc}}`, e.g. `{"co_membership": ..., "co_membership (per-record average)": ...}`.
         path: the image file to write.
     """
     if not groups:
         raise MiaGenError("No group AUCs to plot: pass {attack_name: {n: auc}}.")
     return _auc_lines(groups, path, "targets decided together (n)", "Co-membership: AUC against group size",
                       log2_x=True)
+
+
+def _group_auc_lines(results: Sequence[Mapping]) -> list[str]:
+    """report.md's co-membership table: per attack and group size n, the AUC of the joint decision
+    (`group_auc`) beside the mean of per-record scores over the same groups (`group_auc_per_record_average`)."""
+    lines = []
+    for result in results:
+        joint, average = result.get("group_auc"), result.get("group_auc_per_record_average")
+        if not joint:
+            continue
+        sizes = sorted(joint, key=int)
+        lines += [f"## Groups of n records decided jointly ({result['attack']})", "",
+                  "AUC over groups of n members against groups of n non-members (the same groups in both rows).", "",
+                  "| | " + " | ".join(f"n={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes),
+                  "| joint (attack network refined on the group) | " + " | ".join(f"{joint[n]:.3f}" for n in sizes) + " |"]
+        if average:
+            lines.append("| mean of per-record scores | "
+                         + " | ".join(f"{average[n]:.3f}" if n in average else "–" for n in sizes) + " |")
+        lines.append("")
+    return lines
 
 
 def _to_display(images: np.ndarray, what: str) -> np.ndarray:
@@ -266,12 +287,19 @@ def _alpha_label(alpha: float) -> str:
     return f"{alpha * 100:g}%"
 
 
+def _sign_text(result: Mapping) -> str:
+    """`+1 (declared)` / `-1 (labelled_subset)`: the direction the scores were read in, and its source."""
+    if "sign" not in result:
+        return "-"
+    return f"{int(result['sign']):+d} ({result.get('sign_source', 'declared')})"
+
+
 def format_results_table(results: Sequence[Mapping]) -> str:
     """One row per attack as an aligned markdown table (plain text in a terminal too).
 
     Args:
         results: entries of `results.json`: `evaluate_scores` output plus `"attack"`, and
-            optionally `"access"` and `"seconds"`.
+            optionally `"access"`, `"sign"` / `"sign_source"` and `"seconds"`.
 
     Returns:
         The table; a TPR marked `*` has fewer than 1/alpha non-members behind it (not
@@ -285,7 +313,7 @@ def format_results_table(results: Sequence[Mapping]) -> str:
                 "with 'attack' (and optionally 'access', 'seconds') added."
             )
     alphas = sorted({float(key) for r in results for key in r["tpr_at_fpr"]}, reverse=True)
-    header = ["attack", "access", "AUC [95% CI]", "ASR"]
+    header = ["attack", "access", "sign", "AUC [95% CI]", "ASR"]
     header += [f"TPR@{_alpha_label(a)}FPR" for a in alphas]
     header += ["n_members", "n_non_members", "seconds"]
     rows = []
@@ -304,11 +332,11 @@ def format_results_table(results: Sequence[Mapping]) -> str:
             tprs.append(f"{value:.3f}{mark}")
         seconds = r.get("seconds")
         rows.append(
-            [str(r["attack"]), str(r.get("access", "-")), auc_text, f"{r['asr']:.3f}", *tprs]
+            [str(r["attack"]), str(r.get("access", "-")), _sign_text(r), auc_text, f"{r['asr']:.3f}", *tprs]
             + [str(r["n_members"]), str(r["n_non_members"]), "-" if seconds is None else f"{seconds:.1f}"]
         )
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
-    numeric = [False, False] + [True] * (len(header) - 2)
+    numeric = [False, False, False] + [True] * (len(header) - 3)
 
     def line(cells):
         padded = [c.rjust(w) if num else c.ljust(w) for c, w, num in zip(cells, widths, numeric)]
@@ -341,8 +369,19 @@ def _inline(value) -> str:
     return str(value)
 
 
-def write_report(out_dir, results: Sequence[Mapping], run_info: Mapping, images: Mapping[str, str]) -> Path:
-    """Write `report.md`: run header, results table, warnings and figures.
+def _blind_baseline_lines(blind: Mapping | None) -> list[str]:
+    """The blind baseline's section: loud when the split is distribution-shifted."""
+    if blind is None:
+        return []
+    if blind["shifted"]:
+        return ["## WARNING: distribution-shifted split (blind baseline)", "", f"> **{blind['message']}**", "",
+                f"Method: {blind['method']}.", ""]
+    return ["## Blind baseline", "", f"{blind['message']} Method: {blind['method']}.", ""]
+
+
+def write_report(out_dir, results: Sequence[Mapping], run_info: Mapping, images: Mapping[str, str],
+                 blind_baseline: Mapping | None = None) -> Path:
+    """Write `report.md`: run header, the blind baseline, results table, warnings and figures.
 
     Args:
         out_dir: the run's output directory; `report.md` is written there and images are
@@ -353,6 +392,8 @@ def write_report(out_dir, results: Sequence[Mapping], run_info: Mapping, images:
             are written inline as `key=value, ...`.
         images: `{title: path}` of figures that already exist (drawn by `plot_roc` etc.);
             a relative path is taken relative to `out_dir` (e.g. `"roc.png"`).
+        blind_baseline: results.json's `blind_baseline` (`blind_baseline.blind_baseline` output), shown
+            above the results (as a warning when `shifted`), or None.
 
     Returns:
         The path of `report.md`.
@@ -362,9 +403,12 @@ def write_report(out_dir, results: Sequence[Mapping], run_info: Mapping, images:
     lines = ["# mia-gen membership inference report", ""]
     ordered = [k for k in _RUN_INFO_LABELS if k in run_info] + [k for k in run_info if k not in _RUN_INFO_LABELS]
     lines += [f"- **{_RUN_INFO_LABELS.get(key, key)}**: {_inline(run_info[key])}" for key in ordered]
-    lines += ["", "## Results", ""]
-    lines += ["Higher score = more likely member; TPR@alpha FPR = the largest TPR with FPR <= alpha.", ""]
-    lines += [format_results_table(results), ""]
+    lines += [""] + _blind_baseline_lines(blind_baseline) + ["## Results", ""]
+    lines += ["Higher score = more likely member; TPR@alpha FPR = the largest TPR with FPR <= alpha. "
+              "`sign`: the direction each attack's scores are read in, fixed before evaluation: `declared` by "
+              "the attack, or learnt on the labelled calibration subset (`labelled_subset`), whose records "
+              "are then not evaluated. No AUC is read as max(AUC, 1 - AUC).", ""]
+    lines += [format_results_table(results), ""] + _group_auc_lines(results)
     warnings = [f"- **{r['attack']}**: {w}" for r in results for w in r.get("warnings", [])]
     if warnings:
         lines += ["## Warnings", "", *warnings, ""]

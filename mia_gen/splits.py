@@ -10,7 +10,9 @@ three disjoint index lists into the `RecordSet`:
 
 Lists are kept in **draw order** (the order of one seeded permutation), not sorted, so that
 any prefix of a list is itself a uniform random subset (e.g. "the first 1,000 reference
-records"). Split files are JSON; SecMI / PIA `.npz` split files can be imported.
+records"). Split files are JSON; SecMI / PIA `.npz` split files can be imported; a members file
+(the record ids a model was trained on) becomes a split with non-members and reference records
+drawn from the other records.
 """
 
 from __future__ import annotations
@@ -186,29 +188,106 @@ def make_split(
         )
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise MiaGenError(f"split.seed must be an integer, got {seed!r}.")
-    total = len(records)
-    taken = n_members + n_non_members
-    if n_reference == -1:
-        n_reference = max(total - taken, 0)
-    if taken + n_reference > total:
+    if n_members > len(records):
         raise MiaGenError(
-            f"The split asks for {n_members} members + {n_non_members} non-members + {n_reference} "
-            f"reference records = {taken + n_reference}, but dataset '{records.name}' has only {total} "
-            "records. Lower split.n_members / split.n_non_members / split.n_reference (split.n_reference=-1 "
-            "takes all remaining records), or load more data (data.max_records=null, data.subset=all)."
+            f"The split asks for {n_members} members, but dataset '{records.name}' has only {len(records)} "
+            "records. Lower split.n_members, or load more data (data.max_records=null, data.subset=all)."
         )
-    order = np.random.default_rng(int(seed)).permutation(total)
+    order = np.random.default_rng(int(seed)).permutation(len(records))
+    return _split_around(records, order[:n_members], order[n_members:], n_non_members, n_reference, seed)
+
+
+def split_from_members(
+    records: RecordSet, members: np.ndarray, n_non_members: int, n_reference: int = 0, seed: int = 0
+) -> Split:
+    """A split around the given members (the true training set of a model trained elsewhere).
+
+    Non-members, then reference records, are cut from one seeded permutation of the records
+    that are not members (`np.random.default_rng(seed).permutation(len(records))` with the
+    members removed), so the three lists are disjoint.
+
+    Args:
+        records: the dataset the member ids index.
+        members: int record ids of shape `(M,)`, each in `[0, len(records))`, no repeats.
+        n_non_members: number of non-members (>= 1).
+        n_reference: number of reference records (>= 0), or -1 for all remaining records.
+        seed: the permutation's seed.
+    """
+    members = _as_indices(members, "members")
+    if members.size == 0:
+        raise MiaGenError("The members file lists no record ids; it must name the model's training records.")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise MiaGenError(f"split.seed must be an integer, got {seed!r}.")
+    if isinstance(n_non_members, bool) or not isinstance(n_non_members, (int, np.integer)) or n_non_members < 1:
+        raise MiaGenError(f"split.n_non_members must be an integer >= 1 to evaluate members against, "
+                          f"got {n_non_members!r}.")
+    order = np.random.default_rng(int(seed)).permutation(len(records))
+    return _split_around(records, members, order[~np.isin(order, members)], n_non_members, n_reference, seed)
+
+
+def _split_around(
+    records: RecordSet, members: np.ndarray, rest: np.ndarray, n_non_members: int, n_reference: int, seed: int
+) -> Split:
+    """Members as given; non-members, then reference records, cut from `rest` (the others, in draw order)."""
+    if n_reference == -1:
+        n_reference = max(len(rest) - n_non_members, 0)
+    if n_non_members + n_reference > len(rest):
+        raise MiaGenError(
+            f"The split asks for {len(members)} members + {n_non_members} non-members + {n_reference} "
+            f"reference records = {len(members) + n_non_members + n_reference}, but dataset '{records.name}' "
+            f"has only {len(records)} records. Lower split.n_members / split.n_non_members / split.n_reference "
+            "(split.n_reference=-1 takes all remaining records), or load more data (data.max_records=null, "
+            "data.subset=all)."
+        )
     split = Split(
         dataset=records.name,
         fingerprint=records.fingerprint,
         seed=int(seed),
-        members=order[:n_members],
-        non_members=order[n_members:taken],
-        reference=order[taken : taken + n_reference],
-        n_records=total,
+        members=members,
+        non_members=rest[:n_non_members],
+        reference=rest[n_non_members : n_non_members + n_reference],
+        n_records=len(records),
     )
     split.validate(records)
     return split
+
+
+def read_record_ids(path: str | os.PathLike) -> np.ndarray:
+    """Record ids (indices into the dataset) from a members file: `.npy` (1-D integers), `.json`
+    (a list of integers), or text with one id per line (blank lines and `#` comments ignored).
+
+    Returns:
+        int64 `np.ndarray` of shape `(M,)`, in file order.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MissingAssetError(
+            f"Members file {path!r} does not exist; set split.members_file=<file> to the record ids the "
+            "model was trained on (one per line, a JSON list, or a .npy array), or use split.path=<split.json>."
+        )
+    what = f"Members file {path!r}"
+    try:
+        if path.endswith(".npy"):
+            ids = np.load(path, allow_pickle=False)
+        elif path.endswith(".json"):
+            with open(path) as handle:
+                ids = json.load(handle)
+            if not isinstance(ids, list):
+                raise MiaGenError(f"{what} must hold a JSON list of record ids, got {type(ids).__name__}.")
+        else:
+            ids = []
+            with open(path) as handle:
+                for number, line in enumerate(handle, start=1):
+                    line = line.split("#", 1)[0].strip()
+                    if not line:
+                        continue
+                    if not line.lstrip("-").isdigit():
+                        raise MiaGenError(f"{what}, line {number}: {line!r} is not an integer record id; "
+                                          "write one record id (an index into the dataset) per line.")
+                    ids.append(int(line))
+    except (ValueError, OSError, UnicodeDecodeError) as error:  # JSONDecodeError is a ValueError
+        raise MiaGenError(f"{what} cannot be read ({error}); re-create it.") from error
+    return _as_indices(np.asarray(ids), "members")
 
 
 def import_secmi_split(
@@ -269,13 +348,60 @@ def import_secmi_split(
     return split
 
 
+# The split settings that give the true training membership (a file); without one, the split is drawn.
+MEMBERSHIP_KEYS = ("path", "secmi_npz", "members_file")
+
+
+def membership_source(split_cfg: Any) -> str | None:
+    """The `split` setting the membership comes from (`"path"`, `"secmi_npz"` or `"members_file"`),
+    or None when the split is drawn at random."""
+    split_cfg = _as_mapping(split_cfg)
+    given = [key for key in MEMBERSHIP_KEYS if split_cfg.get(key) is not None]
+    if len(given) > 1:
+        named = " and ".join(f"split.{key}={split_cfg[key]!r}" for key in given)
+        raise MiaGenError(f"Both {named} are set, but the membership comes from one file; set all but one of "
+                          "them to null.")
+    return given[0] if given else None
+
+
 def load_or_make_split(split_cfg: Any, records: RecordSet) -> Split:
     """The split a `split` config asks for (Hydra group `configs/split/`).
 
     `split_cfg.path` set: load that split file; `split_cfg.secmi_npz` set: import that SecMI /
-    PIA file (reference = all remaining records); neither: draw `n_members`, `n_non_members`
-    and `n_reference` records with `seed`. The sizes are not used when a file is given.
+    PIA file (reference = all remaining records); `split_cfg.members_file` set: those record
+    ids are the members, `n_non_members` and `n_reference` are drawn with `seed` from the rest
+    (`split_from_members`); none: draw `n_members`, `n_non_members` and `n_reference` records
+    with `seed`. The sizes are not used when a split file is given.
     """
+    split_cfg = _as_mapping(split_cfg)
+    source = membership_source(split_cfg)
+    seed = split_cfg.get("seed", 0)
+    if source is not None:
+        path = os.path.expanduser(str(split_cfg[source]))
+        if source == "path":
+            return Split.load(path, records)
+        if source == "secmi_npz":
+            return import_secmi_split(path, records, reference="rest", seed=seed)
+    needed = ("n_non_members",) if source == "members_file" else ("n_members", "n_non_members")
+    missing = [key for key in needed if split_cfg.get(key) is None]
+    if missing:
+        raise MiaGenError(
+            f"The split config lacks {missing}; set {' '.join(f'split.{key}=<int>' for key in missing)}."
+        )
+    if source == "members_file":
+        return split_from_members(records, read_record_ids(path), n_non_members=split_cfg["n_non_members"],
+                                  n_reference=split_cfg.get("n_reference") or 0, seed=seed)
+    return make_split(
+        records,
+        n_members=split_cfg["n_members"],
+        n_non_members=split_cfg["n_non_members"],
+        n_reference=split_cfg.get("n_reference") or 0,
+        seed=seed,
+    )
+
+
+def _as_mapping(split_cfg: Any) -> dict:
+    """The split config as a plain dict (a DictConfig is resolved)."""
     try:
         from omegaconf import DictConfig, OmegaConf
         from omegaconf.errors import OmegaConfBaseException
@@ -291,28 +417,7 @@ def load_or_make_split(split_cfg: Any, records: RecordSet) -> Split:
         ) from error
     if not isinstance(split_cfg, dict):
         raise MiaGenError(f"The split config must be a mapping, got {type(split_cfg).__name__}.")
-    path, secmi_npz = split_cfg.get("path"), split_cfg.get("secmi_npz")
-    if path is not None and secmi_npz is not None:
-        raise MiaGenError(
-            f"Both split.path={path!r} and split.secmi_npz={secmi_npz!r} are set; set one of them to null."
-        )
-    seed = split_cfg.get("seed", 0)
-    if path is not None:
-        return Split.load(os.path.expanduser(str(path)), records)
-    if secmi_npz is not None:
-        return import_secmi_split(os.path.expanduser(str(secmi_npz)), records, reference="rest", seed=seed)
-    missing = [key for key in ("n_members", "n_non_members") if split_cfg.get(key) is None]
-    if missing:
-        raise MiaGenError(
-            f"The split config lacks {missing}; set split.n_members=<int> split.n_non_members=<int>."
-        )
-    return make_split(
-        records,
-        n_members=split_cfg["n_members"],
-        n_non_members=split_cfg["n_non_members"],
-        n_reference=split_cfg.get("n_reference") or 0,
-        seed=seed,
-    )
+    return split_cfg
 
 
 def _as_indices(values: Any, name: str) -> np.ndarray:

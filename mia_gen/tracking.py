@@ -7,6 +7,7 @@ offline: no account, no network) or `logger=none`.
 from __future__ import annotations
 
 import inspect
+import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -16,10 +17,25 @@ import numpy as np
 
 from mia_gen.errors import MiaGenError
 
-__all__ = ["NullTracker", "Tracker", "WandbTracker", "flatten", "make_tracker"]
+__all__ = ["NullTracker", "Tracker", "WandbTracker", "flatten", "init_timeout", "make_tracker"]
 
-# Seconds wandb may take to start its service before we give up and say so.
+# Seconds wandb may take to start its run before we give up and say so (W&B's WANDB_INIT_TIMEOUT overrides).
 _INIT_TIMEOUT_S = 60
+
+
+def init_timeout() -> float:
+    """Seconds `wandb.init` may take: `WANDB_INIT_TIMEOUT` when set (a positive number), else 60."""
+    value = os.environ.get("WANDB_INIT_TIMEOUT")
+    if value is None or not value.strip():
+        return float(_INIT_TIMEOUT_S)
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise MiaGenError(f"WANDB_INIT_TIMEOUT={value!r} is not a positive number of seconds; set e.g. "
+                          "WANDB_INIT_TIMEOUT=30, or unset it for the default 60.")
+    return seconds
 
 
 def flatten(nested: Mapping, prefix: str = "") -> dict[str, Any]:
@@ -97,7 +113,7 @@ class WandbTracker(Tracker):
         self._wandb = wandb
         wandb_dir = Path(dir if dir is not None else run_dir)
         wandb_dir.mkdir(parents=True, exist_ok=True)
-        settings = wandb.Settings(silent=True, console="off", init_timeout=_INIT_TIMEOUT_S)
+        settings = wandb.Settings(silent=True, console="off", init_timeout=init_timeout())
         if mode == "online":
             self._require_credentials()
         try:

@@ -1,73 +1,180 @@
-"""The release gate: mia-gen-audit's verdict, exit code and report."""
+"""The release gate: mia-gen-audit's membership check, verdict, exit codes and report."""
 
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
 
-from mia_gen.audit import attacks_for_access, verdict
+import experiments.audit as gate
+import mia_gen.audit as audit_module
+import mia_gen.evaluation as evaluation_module
+from mia_gen.audit import attacks_for_access, shift_warning, verdict, write_audit
 from mia_gen.errors import MiaGenError
 from mia_gen.pipeline import Pipeline
+from test_blind_baseline import _shifted_split
 from test_pipeline import FAST, MEMORIZER, make_config, run_cli
 
+GATE = [*FAST, "split.n_members=64", "split.n_non_members=256"]  # 64 digit members, as in the quick-start
 
-def write_synthetic(tmp_path, leaky: bool):
-    """Near-copies of the members (leaky) or of other records (not leaky), as a .npy release."""
-    pipe = Pipeline(make_config(FAST, tmp_path / "cache"), tmp_path / "probe")
-    source = pipe.split.members if leaky else pipe.split.reference
-    records = pipe.records.get(source).numpy()
+
+def write_release(tmp_path, leaky: bool):
+    """Noisy copies of the 64 members (leaky) or of reference records the model never saw, as a .npy
+    release; beside it the true membership as a split file and as a members file."""
+    pipe = Pipeline(make_config(GATE, tmp_path / "cache"), tmp_path / "probe")
+    split = pipe.split
+    split.save(tmp_path / "split.json")
+    (tmp_path / "members.txt").write_text("\n".join(map(str, split.members.tolist())) + "\n")
+    records = pipe.records.get(split.members if leaky else split.reference).numpy()
     rng = np.random.default_rng(0)
     copies = np.clip(records[rng.integers(0, len(records), 2000)] + rng.normal(0, 0.1, (2000, *records.shape[1:])),
                      -1, 1).astype(np.float32)
     path = tmp_path / ("leaky.npy" if leaky else "clean.npy")
     np.save(path, copies)
-    return path
+    return path, split
 
 
-def test_the_exit_code_flips_where_the_threshold_crosses_the_measured_leakage(tmp_path):
-    synthetic = write_synthetic(tmp_path, leaky=False)
-    base = [*FAST, f"synthetic.path={synthetic}", "audit.access=samples"]
-    first = run_cli([*base, "audit.max_auc=0.99", f"hydra.run.dir={tmp_path / 'a'}"], tmp_path, script="mia-gen-audit")
-    assert first.returncode == 0, first.stderr
-    report = json.loads((tmp_path / "a" / "audit.json").read_text())
-    measured = max(row["leakage_auc"] for row in report["attacks"])
-    assert report["passed"] and 0.5 <= measured < 0.7
-    assert {row["attack"] for row in report["attacks"]} == {"sample_distance", "monte_carlo", "domias"}
-    below = run_cli([*base, f"audit.max_auc={measured - 0.005}", f"hydra.run.dir={tmp_path / 'b'}"], tmp_path,
-                    script="mia-gen-audit")
-    assert below.returncode == 1 and "FAILED" in below.stderr
-    above = run_cli([*base, f"audit.max_auc={measured + 0.005}", f"hydra.run.dir={tmp_path / 'c'}"], tmp_path,
-                    script="mia-gen-audit")
-    assert above.returncode == 0, above.stderr
+def audit(args, tmp_path, monkeypatch, capsys, run="run"):
+    """`mia-gen-audit` in this process (its `main()`, Hydra CLI included): (exit code, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["mia-gen-audit", *args, f"cache_dir={tmp_path / 'cache'}",
+                                      f"hydra.run.dir={tmp_path / run}"])
+    capsys.readouterr()
+    try:
+        gate.main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code
+    return code, capsys.readouterr().err
 
 
-def test_a_leaky_release_fails_and_the_report_names_the_most_exposed_members(tmp_path):
-    synthetic = write_synthetic(tmp_path, leaky=True)
-    result = run_cli([*FAST, f"synthetic.path={synthetic}", "audit.max_tpr=0.2", "audit.max_auc=null",
-                      f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, script="mia-gen-audit")
-    assert result.returncode == 1
-    report = json.loads((tmp_path / "run" / "audit.json").read_text())
-    assert not report["passed"] and all(row["tpr"] > 0.2 for row in report["attacks"])
-    members = set(Pipeline(make_config(FAST, tmp_path / "cache"), tmp_path / "probe").split.members.tolist())
-    for item in report["most_exposed"]:
-        assert len(item["records"]) == 10 and {r["record_id"] for r in item["records"]} <= members
+def test_noisy_copies_of_the_members_fail_only_once_the_gate_knows_the_members(tmp_path, monkeypatch, capsys):
+    synthetic, split = write_release(tmp_path, leaky=True)
+    base = [*GATE, f"synthetic.path={synthetic}"]
+    code, err = audit(base, tmp_path, monkeypatch, capsys, run="unknown")
+    assert code == 2 and "split.path=" in err and "split.members_file=" in err and "random" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "unknown" / "audit.json").exists()
+    for membership in (f"split.path={tmp_path / 'split.json'}", f"split.members_file={tmp_path / 'members.txt'}"):
+        code, err = audit([*base, membership], tmp_path, monkeypatch, capsys)
+        report = json.loads((tmp_path / "run" / "audit.json").read_text())
+        assert code == 1 and "FAILED" in err, err
+        assert not report["passed"] and all(row["auc"] > 0.8 for row in report["attacks"])
+        assert str(tmp_path) in report["membership"] and report["sign"] == "labelled_subset"
+        for row in report["attacks"]:  # every row: the AUC, its interval and the TPR at the gate's FPR
+            assert row["ci95"][0] <= row["auc"] <= row["ci95"][1] and 0 <= row["tpr"] <= 1
+            assert row["sign_source"] == "labelled_subset"
+        for item in report["most_exposed"]:
+            exposed = {r["record_id"] for r in item["records"]}
+            assert len(exposed) == 10 and exposed <= set(split.members.tolist())
     text = (tmp_path / "run" / "audit.md").read_text()
-    assert "FAILED" in text and "nearest_neighbours.png" in text
+    assert "FAILED" in text and "Rule: point (the default)" in text and "members file" in text
     assert (tmp_path / "run" / "nearest_neighbours.png").is_file()
 
 
-def test_a_model_audit_runs_what_its_access_allows(tmp_path):
-    result = run_cli([*MEMORIZER, "audit.access=white_box", "audit.max_auc=0.6",
-                      "audit.attack_overrides={latent_inversion:{lambda_lpips:0,lambda_z:0,iterations:2}}",
-                      f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, script="mia-gen-audit")
+def test_the_exit_code_flips_where_the_threshold_crosses_the_measured_leakage(tmp_path, monkeypatch, capsys):
+    """Copies of records the model never saw pass the default gate; the verdict flips at the measured AUC."""
+    synthetic, _ = write_release(tmp_path, leaky=False)
+    base = [*GATE, f"synthetic.path={synthetic}", f"split.path={tmp_path / 'split.json'}", "audit.access=samples"]
+    code, err = audit(base, tmp_path, monkeypatch, capsys, run="a")
+    assert code == 0 and "PASSED" in err, err
+    report = json.loads((tmp_path / "a" / "audit.json").read_text())
+    assert {row["attack"] for row in report["attacks"]} == {"sample_distance", "monte_carlo", "domias"}
+    measured = max(row["auc"] for row in report["attacks"])  # the signed AUC, as results.json writes it
+    assert report["passed"] and report["max_auc"] == 0.6 and measured < 0.6
+    assert report["split_shifted"] is False and "DISTRIBUTION-SHIFTED" not in (tmp_path / "a" / "audit.md").read_text()
+    results = {r["attack"]: r["auc"] for r in json.loads((tmp_path / "a" / "results.json").read_text())["attacks"]}
+    assert results == {row["attack"]: row["auc"] for row in report["attacks"]}
+    code, err = audit([*base, f"audit.max_auc={measured - 0.005}"], tmp_path, monkeypatch, capsys, run="b")
+    assert code == 1 and "FAILED" in err
+    code, err = audit([*base, f"audit.max_auc={measured + 0.005}"], tmp_path, monkeypatch, capsys, run="c")
+    assert code == 0, err
+
+
+def test_a_split_of_digits_0_4_against_5_9_is_called_shifted_by_the_gate(tmp_path, monkeypatch, capsys):
+    records = Pipeline(make_config(GATE, tmp_path / "cache"), tmp_path / "probe").records
+    split = _shifted_split(records)
+    split.save(tmp_path / "shifted.json")
+    copies = records.get(split.reference[:200]).numpy()  # records the model never saw
+    np.save(tmp_path / "release.npy", np.repeat(copies, 10, axis=0))
+    code, err = audit([*GATE, f"synthetic.path={tmp_path / 'release.npy'}", f"split.path={tmp_path / 'shifted.json'}",
+                       "attack=[sample_distance]"], tmp_path, monkeypatch, capsys)
     report = json.loads((tmp_path / "run" / "audit.json").read_text())
-    assert result.returncode == 1 and not report["passed"]  # a memoriser leaks to every attack
+    assert code in (0, 1) and "distribution-shifted" in err.splitlines()[-1]
+    assert report["split_shifted"] and report["blind_baseline"]["shifted"]
+    assert "WARNING: THE SPLIT IS DISTRIBUTION-SHIFTED" in (tmp_path / "run" / "audit.md").read_text()
+
+
+def test_the_verdict_is_written_before_wandb_and_survives_its_failure(tmp_path, monkeypatch, capsys):
+    """logger.mode=online without a network: W&B fails after the verdict is on disk; the verdict stands."""
+    synthetic, _ = write_release(tmp_path, leaky=True)
+    seen = []
+
+    def unreachable(*args, **kwargs):
+        seen.append((tmp_path / "run" / "audit.md").is_file())
+        raise MiaGenError("W&B failed to start (CommError: network unreachable).")
+
+    monkeypatch.setattr(evaluation_module, "make_tracker", unreachable)
+    code, err = audit([*GATE, f"synthetic.path={synthetic}", f"split.path={tmp_path / 'split.json'}",
+                       "attack=[sample_distance]", "logger=wandb", "logger.mode=online"], tmp_path, monkeypatch, capsys)
+    assert seen == [True]  # the verdict files existed before the first W&B call
+    assert code == 1 and "W&B failed" in err and "verdict stands" in err
+    assert "FAILED" in (tmp_path / "run" / "audit.md").read_text()
+
+
+def test_usage_errors_config_errors_and_crashes_exit_2(tmp_path, monkeypatch, capsys):
+    code, err = audit([*GATE, "attack=[nope]"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "no verdict" in err
+    code, err = audit([*GATE, "audit.rule=median"], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "audit.rule must be one of" in err
+    (tmp_path / "members.txt").write_text("12\nseven\n")
+    code, err = audit([*GATE, f"synthetic.path={tmp_path / 'x.npy'}", f"split.members_file={tmp_path / 'members.txt'}"],
+                      tmp_path, monkeypatch, capsys)
+    assert code == 2 and "line 2" in err
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(audit_module, "run_audit", crash)
+    code, err = audit(GATE, tmp_path, monkeypatch, capsys)
+    assert code == 2 and err.strip().splitlines()[-1] == ("mia-gen-audit: crashed (RuntimeError: disk on fire); "
+                                                          "no verdict")
+
+
+def test_a_typo_in_a_key_exits_2_from_the_console_script(tmp_path):
+    result = run_cli([*GATE, "audit.max_aux=0.5", f"hydra.run.dir={tmp_path / 'run'}"], tmp_path,
+                     script="mia-gen-audit")
+    assert result.returncode == 2, result.stderr
+    assert "audit.max_aux" in result.stderr and result.stderr.strip().endswith("no verdict.")
+
+
+def test_a_plain_run_on_a_release_with_a_random_split_says_loudly_it_is_random(tmp_path, caplog):
+    synthetic, _ = write_release(tmp_path, leaky=True)
+    pipe = Pipeline(make_config([*GATE, f"synthetic.path={synthetic}"], tmp_path / "cache"), tmp_path / "run")
+    with caplog.at_level("WARNING"):
+        pipe.split
+    assert "DRAWN AT RANDOM" in caplog.text and "split.members_file" in caplog.text
+    members_file = f"split.members_file={tmp_path / 'members.txt'}"
+    given = Pipeline(make_config([*GATE, f"synthetic.path={synthetic}", members_file], tmp_path / "cache"),
+                     tmp_path / "run")
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        given.split
+    assert "DRAWN AT RANDOM" not in caplog.text
+
+
+def test_a_model_audit_runs_what_its_access_allows(tmp_path, monkeypatch, capsys):
+    """A model the gate trains itself on the split: its membership is known, no split file needed."""
+    code, _ = audit([*MEMORIZER, "audit.access=white_box", "audit.max_auc=0.6",
+                     "audit.attack_overrides={latent_inversion:{lambda_lpips:0,lambda_z:0,iterations:2}}"],
+                    tmp_path, monkeypatch, capsys)
+    report = json.loads((tmp_path / "run" / "audit.json").read_text())
+    assert code == 1 and not report["passed"]  # a memoriser leaks to every attack
+    assert report["membership"].startswith("the split this run trained the model on")
     assert {row["attack"] for row in report["attacks"]} >= {"sample_distance", "latent_inversion"}
 
 
-def test_access_levels_and_thresholds_are_checked():
+def test_access_levels_are_checked():
     assert attacks_for_access("samples", None) == ["sample_distance", "monte_carlo", "domias"]
     assert "latent_inversion_pbb" in attacks_for_access("query", "gan")
     assert {"pia", "secmi_stat"} <= set(attacks_for_access("white_box", "diffusion"))
@@ -75,10 +182,60 @@ def test_access_levels_and_thresholds_are_checked():
         attacks_for_access("white_box", None)
     with pytest.raises(MiaGenError, match="must be one of"):
         attacks_for_access("root", "gan")
-    results = [{"attack": "a", "access": "samples", "auc": 0.2, "tpr_at_fpr": {"0.01": 0.3}}]
-    decision = verdict(results, max_auc=0.7, max_tpr=None, at_fpr=0.01)
-    assert not decision["passed"] and decision["attacks"][0]["leakage_auc"] == pytest.approx(0.8)  # wrong-sign leak
+
+
+def result_row(auc, ci, tpr=0.0, tpr_ci=(0.0, 0.0), sign=1, source="labelled_subset"):
+    return {"attack": "a", "access": "samples", "auc": auc, "sign": sign, "sign_source": source,
+            "tpr_at_fpr": {"0.1": 0.5, "0.01": tpr}, "ci95": {"auc": list(ci), "tpr_at_fpr": {"0.01": list(tpr_ci)}},
+            "n_non_members": 200}
+
+
+def test_the_rule_decides_between_the_point_estimate_and_the_lower_bound():
+    results = [result_row(0.65, (0.55, 0.75), tpr=0.08, tpr_ci=(0.02, 0.15))]
+    point = verdict(results, max_auc=0.6, max_tpr=None, at_fpr=0.01)  # default rule: point
+    assert not point["passed"] and point["rule"] == "point"
+    (row,) = point["attacks"]
+    assert row["auc"] == 0.65 and row["ci95"] == [0.55, 0.75] and row["tpr"] == 0.08 and row["tpr_ci95"] == [0.02, 0.15]
+    assert verdict(results, max_auc=0.6, max_tpr=None, at_fpr=0.01, rule="lower_bound")["passed"]
+    assert not verdict(results, max_auc=0.5, max_tpr=None, at_fpr=0.01, rule="lower_bound")["passed"]  # 0.55 > 0.5
+    assert not verdict(results, None, max_tpr=0.05, at_fpr=0.01)["passed"]
+    assert verdict(results, None, max_tpr=0.05, at_fpr=0.01, rule="lower_bound")["passed"]  # 0.02 <= 0.05
+    assert "tpr" in verdict(results, max_auc=0.9, max_tpr=None, at_fpr=0.01)["attacks"][0]  # with no TPR threshold too
+
+
+def test_auc_is_read_as_written_and_a_significant_inversion_is_noted():
+    inverted = verdict([result_row(0.2, (0.1, 0.3), source="declared", sign=1)], max_auc=0.7, max_tpr=None,
+                       at_fpr=0.01)
+    (row,) = inverted["attacks"]
+    assert inverted["passed"] and "leakage_auc" not in row  # never max(AUC, 1 - AUC)
+    assert any("audit.sign=labelled_subset" in note for note in row["notes"])
+    chance = verdict([result_row(0.45, (0.35, 0.55))], max_auc=0.7, max_tpr=None, at_fpr=0.01)
+    assert chance["attacks"][0]["notes"] == []
+
+
+def test_thresholds_and_rules_are_checked():
+    results = [result_row(0.6, (0.5, 0.7))]
     with pytest.raises(MiaGenError, match="needs a threshold"):
         verdict(results, None, None, 0.01)
     with pytest.raises(MiaGenError, match="evaluation.alphas"):
         verdict(results, None, 0.1, 0.05)
+    with pytest.raises(MiaGenError, match="audit.rule must be one of"):
+        verdict(results, 0.6, None, 0.01, rule="upper_bound")
+    no_bootstrap = [{**results[0], "ci95": {"auc": None, "tpr_at_fpr": {"0.01": None}}}]
+    assert verdict(no_bootstrap, 0.7, None, 0.01)["attacks"][0]["ci95"] is None
+    with pytest.raises(MiaGenError, match="evaluation.n_bootstrap"):
+        verdict(no_bootstrap, 0.7, None, 0.01, rule="lower_bound")
+
+
+def test_a_shifted_split_is_said_loudly_in_the_verdict(tmp_path):
+    shifted = {"method": "logistic regression", "auc": 0.93, "ci95": [0.9, 0.96], "shifted": True, "message": ""}
+    assert shift_warning({**shifted, "shifted": False}) is None and shift_warning(None) is None
+    decision = verdict([result_row(0.95, (0.9, 0.98))], 0.6, None, 0.01)
+    warning = shift_warning(shifted)
+    decision.update(audited="x", membership="y", sign="labelled_subset", blind_baseline=shifted,
+                    split_shifted=True, warnings=[warning])
+    write_audit(tmp_path, decision, [])
+    text = (tmp_path / "audit.md").read_text()
+    assert "DISTRIBUTION-SHIFTED" in text and "overstates leakage" in text
+    assert text.index("DISTRIBUTION-SHIFTED") < text.index("| attack |")  # before the table, not a footnote
+    assert json.loads((tmp_path / "audit.json").read_text())["split_shifted"] is True

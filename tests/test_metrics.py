@@ -17,6 +17,7 @@ from mia_gen.metrics import (
     asr,
     auc,
     bootstrap_ci,
+    calibrated_sign,
     evaluate_scores,
     roc_points,
     tpr_at_fpr,
@@ -196,3 +197,12 @@ def test_bad_arguments_are_errors():
         bootstrap_ci(TINY_LABELS, TINY_SCORES, "auc", level=95)
     with pytest.raises(MiaGenError, match="n_bootstrap"):
         evaluate_scores(TINY_LABELS, TINY_SCORES, n_bootstrap=-1)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_calibrated_sign_flips_exactly_when_the_calibration_auc_is_below_chance(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation(np.r_[np.ones(10, int), np.zeros(10, int)])
+    scores = rng.normal(size=20) + (seed - 2) * 0.5 * labels
+    assert calibrated_sign(labels, scores) == (-1 if _loop_auc(labels, scores) < 0.5 else 1)
+    assert calibrated_sign(labels, np.zeros(20)) == 1  # a tie keeps the declared direction

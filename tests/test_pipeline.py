@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +157,14 @@ def test_cli_error_exits_nonzero_with_the_fix(tmp_path):
     assert "n_members" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("override", ["split.n_membrs=64", "attack=[no_such_attack]"])
+def test_a_config_the_cli_cannot_use_exits_with_the_usage_code_not_the_crash_code(tmp_path, override):
+    """Hydra exits 1 on its own config errors; 1 is the crash code here, so the CLI maps them to 2."""
+    result = run_cli([*MEMORIZER, override, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "config is invalid" in result.stderr
+
+
 def test_queries_reach_attacks_in_record_id_order(tmp_path):
     """Attacks see members and non-members mixed in dataset order, never grouped by label."""
     cfg = make_config(MEMORIZER, tmp_path / "cache")
@@ -302,7 +311,8 @@ TINY_DDPM = FAST + [
 
 
 def test_diffusion_white_box_attacks_run_through_the_pipeline_without_sampling(tmp_path):
-    attacks = ["attack=[diffusion_loss,secmi_stat,secmi_nn,pia,pian]", "attack.secmi_nn.nn_epochs=2"]
+    attacks = ["attack=[diffusion_loss,secmi_stat,secmi_nn,pia,pian]", "attack.secmi_nn.nn_epochs=2",
+               "attack.secmi_nn.classifier=small_cnn"]  # the ResNet-18 has its own tests
     cfg = make_config(TINY_DDPM + attacks, tmp_path / "cache")
     pipe = Pipeline(cfg, tmp_path / "run")
     results = {r["attack"]: r for r in pipe.run()}
@@ -381,16 +391,32 @@ def test_calibration_without_reference_records_or_with_a_given_checkpoint_explai
         Pipeline(cfg, tmp_path / "run2").run()
 
 
-def test_co_membership_reports_auc_against_group_size(tmp_path):
+def test_co_membership_reports_the_joint_attack_beside_the_per_record_average_on_unlabelled_groups(tmp_path):
+    from mia_gen.groups import group_labels
+
     overrides = MEMORIZER + [
         "attack=[co_membership]", "attack.co_membership.lambda_lpips=0", "attack.co_membership.encoder_steps=5",
-        "attack.co_membership.iterations=2", "attack.co_membership.group_sizes=[1,4]", "attack.co_membership.n_groups=20",
+        "attack.co_membership.encoder_batch_size=16", "attack.co_membership.iterations=2",
+        "attack.co_membership.refine_steps=2", "attack.co_membership.group_sizes=[1,4]", "attack.co_membership.n_groups=20",
     ]
-    Pipeline(make_config(overrides, tmp_path / "cache"), tmp_path / "run").run()
+    pipeline = Pipeline(make_config(overrides, tmp_path / "cache"), tmp_path / "run")
+    pipeline.run()
     (result,) = json.loads((tmp_path / "run" / "results.json").read_text())["attacks"]
-    assert set(result["group_auc"]) == {"1", "4"} and result["group_auc"]["1"] == result["auc"]
+    assert set(result["group_auc"]) == set(result["group_auc_per_record_average"]) == {"1", "4"}
+    assert "groups" not in result["info"] and "group_scores" not in result["info"]  # kept in the cached scores
     assert (tmp_path / "run" / "group_auc.png").stat().st_size > 0
-    assert "group_auc.png" in (tmp_path / "run" / "report.md").read_text()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "group_auc.png" in report and "mean of per-record scores" in report
+    # the attack gets groups, not labels: member and non-member groups come shuffled together
+    attack = pipeline.attacks()["co_membership"]
+    context = pipeline.context_for(attack)
+    assert context.labelled_subset is None
+    labels = group_labels(context.groups[4], np.isin(context.record_ids, pipeline.split.members))
+    assert labels.sum() == 20 and 0 < labels[:20].sum() < 20
+    # the groups are part of the scores' identity; with a labelled calibration subset none of its records is drawn
+    calibrated = Pipeline(make_config(overrides + ["evaluation.sign=labelled_subset"], tmp_path / "cache"), tmp_path / "b")
+    assert calibrated.attack_key("co_membership", attack) != pipeline.attack_key("co_membership", attack)
+    assert set(calibrated.groups([4], 20)[4].ravel()).isdisjoint(calibrated.labelled_subset()[0])
 
 
 def test_groups_larger_than_the_split_fail_before_any_work(tmp_path, monkeypatch):
@@ -485,3 +511,61 @@ def test_a_longer_run_resumes_from_a_finished_shorter_one_bit_identically(tmp_pa
     # DP-SGD solves its noise for the whole run: a longer run is not an extension of a shorter one
     dp = Pipeline(make_config([*TINY_DCGAN, "defense=dp_sgd"], tmp_path / "cache"), tmp_path / "d")
     assert dp.lineage_key() is None and longer.lineage_key() is not None
+
+
+def test_a_shard_overwritten_in_place_is_caught_rebuilt_in_the_cache_and_refused_when_given(
+        tmp_path, monkeypatch, caplog):
+    from test_sample_store import overwrite_keeping_size_and_mtime
+
+    from mia_gen import checksums
+    from mia_gen.errors import CorruptStoreError
+
+    ONE_ATTACK = MEMORIZER + ["attack=[sample_distance]", "evaluation.blind_baseline=false"]
+    first = Pipeline(make_config(ONE_ATTACK, tmp_path / "cache"), tmp_path / "run")
+    first.run()
+    expected = (tmp_path / "run" / "scores.csv").read_bytes()
+    shard = first.sample_dir / "shard_00001.samples.npy"
+
+    overwrite_keeping_size_and_mtime(shard)
+    monkeypatch.setattr(checksums, "_hashed", {})  # the next run is a new process
+    with pytest.raises(CorruptStoreError, match=f"shard 1 .*sha256.*Delete {first.sample_dir} and sample again"):
+        Pipeline(make_config(ONE_ATTACK, tmp_path / "cache"), tmp_path / "cached").run()  # scores cached: read in metadata
+    shutil.rmtree(tmp_path / "cache" / "scores")  # the attacks read the samples again
+    with caplog.at_level("WARNING", logger="mia_gen.pipeline"):
+        Pipeline(make_config(ONE_ATTACK, tmp_path / "cache"), tmp_path / "rerun").run()
+    assert "rebuilding the cached store" in caplog.text and "shard 1 file shard_00001.samples.npy" in caplog.text
+    assert (tmp_path / "rerun" / "scores.csv").read_bytes() == expected
+
+    overwrite_keeping_size_and_mtime(shard)
+    damaged = shard.read_bytes()
+    monkeypatch.setattr(checksums, "_hashed", {})
+    given = make_config(ONE_ATTACK + [f"sampling.store={first.sample_dir}"], tmp_path / "other")
+    with pytest.raises(CorruptStoreError, match=f"shard 1 .*sha256.*Delete {first.sample_dir} and sample again"):
+        Pipeline(given, tmp_path / "given").run("sample")
+    assert shard.read_bytes() == damaged  # a store the user gave is never resampled over
+
+
+def test_a_synthetic_array_of_another_shape_is_refused_with_the_shape_it_needs(tmp_path):
+    cfg = make_config(FAST, tmp_path / "cache")
+    shape = Pipeline(cfg, tmp_path / "probe").records.record_shape  # digits: (1, 16, 16)
+    np.save(tmp_path / "bigger.npy", np.zeros((50, 1, 32, 32), np.float32))
+    np.save(tmp_path / "table.npy", np.zeros((50, 7), np.float32))
+    for name in ("bigger.npy", "table.npy"):
+        pipe = Pipeline(make_config(FAST + [f"synthetic.path={tmp_path / name}"], tmp_path / "cache"), tmp_path / "run")
+        with pytest.raises(MiaGenError, match=r"of shape \((1, 32, 32|7,)\), but the records of data=digits .*"
+                                              rf"shape \(N, {', '.join(map(str, shape))}\)"):
+            pipe.sample()
+
+
+def test_a_synthetic_image_folder_of_another_size_is_converted_with_a_logged_line(tmp_path, caplog):
+    from PIL import Image
+
+    (tmp_path / "synthetic" / "all").mkdir(parents=True)
+    for i in range(3):
+        Image.fromarray(np.full((32, 32, 3), 40 * i, np.uint8)).save(tmp_path / "synthetic" / "all" / f"{i}.png")
+    pipe = Pipeline(make_config(FAST + [f"synthetic.path={tmp_path / 'synthetic'}"], tmp_path / "cache"),
+                    tmp_path / "run")
+    with caplog.at_level("INFO", logger="mia_gen.datasets"):
+        synthetic = pipe.synthetic_records
+    assert synthetic.record_shape == pipe.records.record_shape == (1, 16, 16)
+    assert "converted images" in caplog.text and "[(3, 32, 32)] to (1, 16, 16)" in caplog.text

@@ -111,7 +111,8 @@ def _results():
     for seconds, (name, (labels, scores)) in enumerate(_curves().items(), 1):
         with pytest.warns(UserWarning):  # 60 non-members: 1% and 0.1% are not resolvable
             result = evaluate_scores(labels, scores, n_bootstrap=50)
-        result.update(attack=name, access="white_box", seconds=seconds * 1.25)
+        result.update(attack=name, access="white_box", seconds=seconds * 1.25, sign=(-1) ** (seconds + 1),
+                      sign_source=("declared", "labelled_subset")[seconds - 1])
         results.append(result)
     return results
 
@@ -124,14 +125,14 @@ def test_results_table_values_and_marks():
     results = _results()
     lines = format_results_table(results).splitlines()
     assert _cells(lines[0]) == [
-        "attack", "access", "AUC [95% CI]", "ASR", "TPR@10%FPR", "TPR@1%FPR", "TPR@0.1%FPR",
+        "attack", "access", "sign", "AUC [95% CI]", "ASR", "TPR@10%FPR", "TPR@1%FPR", "TPR@0.1%FPR",
         "n_members", "n_non_members", "seconds",
     ]  # fmt: skip
     assert len({len(line) for line in lines[:4]}) == 1  # columns aligned
-    for line, result in zip(lines[2:4], results):
+    for line, result, sign in zip(lines[2:4], results, ("+1 (declared)", "-1 (labelled_subset)")):
         lo, hi = result["ci95"]["auc"]
         assert _cells(line) == [
-            result["attack"], "white_box", f"{result['auc']:.3f} [{lo:.3f}, {hi:.3f}]", f"{result['asr']:.3f}",
+            result["attack"], "white_box", sign, f"{result['auc']:.3f} [{lo:.3f}, {hi:.3f}]", f"{result['asr']:.3f}",
             f"{result['tpr_at_fpr']['0.1']:.3f}", f"{result['tpr_at_fpr']['0.01']:.3f}*",
             f"{result['tpr_at_fpr']['0.001']:.3f}*", "40", "60", f"{result['seconds']:.1f}",
         ]  # fmt: skip
@@ -164,3 +165,13 @@ def test_write_report(tmp_path):
     assert "![ROC (log-log)](figures/roc.png)" in text and "![Histograms](hist.png)" in text
     with pytest.raises(MiaGenError, match="missing.*plot_roc"):
         write_report(out_dir, results, run_info, {"ROC": "nope.png"})
+
+
+def test_report_says_loudly_when_the_blind_baseline_finds_a_shift(tmp_path):
+    shifted = {"method": "m", "auc": 0.93, "ci95": [0.9, 0.96], "shifted": True, "message": "DISTRIBUTION SHIFT: x"}
+    text = write_report(tmp_path / "a", _results(), {}, {}, blind_baseline=shifted).read_text()
+    assert "## WARNING: distribution-shifted split" in text and "> **DISTRIBUTION SHIFT: x**" in text
+    assert text.index("WARNING: distribution-shifted") < text.index("## Results")
+    calm = {**shifted, "auc": 0.5, "ci95": [0.43, 0.57], "shifted": False, "message": "Blind baseline AUC 0.500"}
+    text = write_report(tmp_path / "b", _results(), {}, {}, blind_baseline=calm).read_text()
+    assert "WARNING" not in text and "## Blind baseline" in text and "Blind baseline AUC 0.500" in text

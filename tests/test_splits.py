@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from mia_gen.datasets import RecordSet
 from mia_gen.errors import MiaGenError, MissingAssetError
-from mia_gen.splits import Split, import_secmi_split, load_or_make_split, make_split
+from mia_gen.splits import (Split, import_secmi_split, load_or_make_split, make_split, membership_source,
+                            read_record_ids, split_from_members)
 
 SPLIT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "split" / "default.yaml"
 
@@ -152,10 +153,53 @@ def test_load_or_make_split_follows_the_config(records, tmp_path):
 
     np.savez(tmp_path / "secmi.npz", mia_train_idxs=np.array([0, 1]), mia_eval_idxs=np.array([2]))
     root.split.secmi_npz = str(tmp_path / "secmi.npz")
-    with pytest.raises(MiaGenError, match="set one of them to null"):
+    with pytest.raises(MiaGenError, match="set all but one of them to null"):
         load_or_make_split(root.split, records)
     root.split.path = None
     assert load_or_make_split(root.split, records).members.tolist() == [0, 1]
 
     with pytest.raises(MiaGenError, match="split.seed=<int>"):
         load_or_make_split(OmegaConf.load(SPLIT_CONFIG), records)
+
+
+def test_a_members_file_gives_the_members_and_the_rest_is_drawn_around_them(records, tmp_path):
+    members = np.array([42, 3, 77, 10])
+    (tmp_path / "m.txt").write_text("# training records\n42\n3\n\n77  # a comment\n10\n")
+    (tmp_path / "m.json").write_text(json.dumps(members.tolist()))
+    np.save(tmp_path / "m.npy", members)
+    for name in ("m.txt", "m.json", "m.npy"):
+        np.testing.assert_array_equal(read_record_ids(tmp_path / name), members)
+
+    split = split_from_members(records, members, n_non_members=20, n_reference=-1, seed=3)
+    rest = [i for i in np.random.default_rng(3).permutation(100) if i not in members]  # plain reference
+    np.testing.assert_array_equal(split.members, members)
+    np.testing.assert_array_equal(split.non_members, rest[:20])
+    np.testing.assert_array_equal(split.reference, rest[20:])
+    assert len(split.reference) == 76  # disjoint, and together every record
+
+    root = OmegaConf.create({"seed": 3, "split": OmegaConf.load(SPLIT_CONFIG)})
+    root.split.members_file, root.split.n_non_members, root.split.n_reference = str(tmp_path / "m.txt"), 20, -1
+    root.split.n_members = 50  # ignored: the file decides
+    assert membership_source(root.split) == "members_file"
+    assert load_or_make_split(root.split, records) == split
+    root.split.path = str(tmp_path / "s.json")
+    with pytest.raises(MiaGenError, match="split.path=.*split.members_file=.*all but one"):
+        membership_source(root.split)
+    assert membership_source(OmegaConf.create({"seed": 0, "split": OmegaConf.load(SPLIT_CONFIG)}).split) is None
+
+
+def test_a_bad_members_file_is_explained(records, tmp_path):
+    (tmp_path / "bad.txt").write_text("1\n2.5\n")
+    with pytest.raises(MiaGenError, match="line 2: '2.5' is not an integer record id"):
+        read_record_ids(tmp_path / "bad.txt")
+    (tmp_path / "bad.json").write_text('{"members": [1]}')
+    with pytest.raises(MiaGenError, match="JSON list"):
+        read_record_ids(tmp_path / "bad.json")
+    with pytest.raises(MissingAssetError, match="split.members_file"):
+        read_record_ids(tmp_path / "absent.txt")
+    with pytest.raises(MiaGenError, match=r"outside \[0, 100\)"):
+        split_from_members(records, np.array([5, 100]), n_non_members=10)
+    with pytest.raises(MiaGenError, match="only 100 records"):
+        split_from_members(records, np.array([5]), n_non_members=100)
+    with pytest.raises(MiaGenError, match="no record ids"):
+        split_from_members(records, np.array([], dtype=int), n_non_members=10)

@@ -151,6 +151,27 @@ def test_wandb_start_failure_says_use_logger_none(tmp_path, monkeypatch):
         make_tracker({"name": "wandb"}, tmp_path, {}, "job")
 
 
+def test_wandb_init_timeout_comes_from_the_environment(tmp_path, monkeypatch):
+    seen = []
+
+    def init(**kwargs):
+        seen.append(kwargs["settings"].init_timeout)
+        raise TimeoutError("no network")
+
+    monkeypatch.setattr(wandb, "init", init)
+    for value, expected in ((None, 60.0), ("7.5", 7.5)):
+        if value is None:
+            monkeypatch.delenv("WANDB_INIT_TIMEOUT", raising=False)
+        else:
+            monkeypatch.setenv("WANDB_INIT_TIMEOUT", value)
+        with pytest.raises(MiaGenError, match="W&B failed to start"):
+            make_tracker({"name": "wandb"}, tmp_path, {}, "job")
+        assert seen[-1] == expected
+    monkeypatch.setenv("WANDB_INIT_TIMEOUT", "soon")
+    with pytest.raises(MiaGenError, match="WANDB_INIT_TIMEOUT='soon'.*positive number"):
+        make_tracker({"name": "wandb"}, tmp_path, {}, "job")
+
+
 def test_online_without_api_key_fails_instead_of_prompting(tmp_path, monkeypatch):
     asked = {}
 
