@@ -10,7 +10,7 @@ exactly the case membership inference cares about), and the running top k is mer
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch

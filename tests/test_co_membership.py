@@ -128,7 +128,7 @@ class SoftMemorizer(torch.nn.Module):
 def test_groups_of_members_of_a_memorising_generator_are_decided_jointly_better_than_chance():
     rng = torch.Generator().manual_seed(5)
     images = torch.tanh(torch.nn.functional.avg_pool2d(torch.randn(16, 1, 32, 32, generator=rng), 2) * 4)
-    members, non_members = images[:8], images[8:]
+    members = images[:8]  # images[8:] are the non-members, never seen by the memoriser
     memoriser = SoftMemorizer(members)
     is_member = np.r_[np.ones(8, bool), np.zeros(8, bool)]
     groups = draw_groups(is_member, [4], n_groups=6, seed=0)

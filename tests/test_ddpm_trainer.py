@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from diffusers import DDPMPipeline, DDPMScheduler
 from omegaconf import OmegaConf
 
+from conftest import crash_on_checkpoint_move
 from mia_gen.errors import MiaGenError
 from models import ddpm_trainer
 from models.ddpm import build_unet, diffusion_loss
@@ -187,19 +188,9 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path
 
 
 def test_crash_while_moving_a_checkpoint_in_is_finished_by_the_next_run(tmp_path, monkeypatch):
-    import os
-
     run(tmp_path / "straight")
-    real_replace, moves = os.replace, []
-
-    def crashing_replace(src, dst):
-        if Path(src).parent.name == ".checkpoint-next" and Path(dst).parent.name != ".checkpoint-next":
-            moves.append(Path(src).name)
-            if len(moves) == 10:  # second checkpoint (6 moves each): its old unet/ is deleted, the new one not in
-                raise KeyboardInterrupt
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", crashing_replace)
+    # second checkpoint (6 moves each): its old unet/ is deleted, the new one not in
+    moves = crash_on_checkpoint_move(monkeypatch, 10)
     out = tmp_path / "crashed"
     with pytest.raises(KeyboardInterrupt):
         run(out)

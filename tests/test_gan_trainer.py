@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
+from conftest import crash_on_checkpoint_move
 from mia_gen.errors import MiaGenError
 from models import gan_trainer
 from models.checkpoint import load_module
@@ -150,19 +151,8 @@ def test_crash_while_writing_a_checkpoint_resumes_from_the_previous_one(tmp_path
 
 
 def test_crash_while_moving_a_checkpoint_in_is_finished_by_the_next_run(tmp_path, monkeypatch):
-    import os
-
     g_ref, _ = straight_run(tmp_path / "straight")
-    real_replace, moves = os.replace, []
-
-    def crashing_replace(src, dst):
-        if Path(src).parent.name == ".checkpoint-next" and Path(dst).parent.name != ".checkpoint-next":
-            moves.append(Path(src).name)
-            if len(moves) == 9:  # second checkpoint (6 moves each): its discriminator has moved in
-                raise KeyboardInterrupt
-        return real_replace(src, dst)
-
-    monkeypatch.setattr(os, "replace", crashing_replace)
+    crash_on_checkpoint_move(monkeypatch, 9)  # second checkpoint (6 moves each): its discriminator has moved in
     out = tmp_path / "crashed"
     with pytest.raises(KeyboardInterrupt):
         straight_run(out)
