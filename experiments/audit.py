@@ -19,7 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from experiments.common import CONFIG_DIR
+from experiments.common import CONFIG_DIR, exit_for_version
 from mia_gen.errors import MiaGenError
 
 log = logging.getLogger("mia_gen")
@@ -59,6 +59,8 @@ def audit_job(cfg: DictConfig) -> None:
 
 def main() -> None:
     """The console script: run the Hydra job(s), then exit 0 / 1 / 2 (the worst outcome of any job)."""
+    if exit_for_version():
+        return
     _outcomes.clear()
     try:
         audit_job()

@@ -28,6 +28,19 @@ def run_stage(cfg: DictConfig, stage: str):
     return pipeline.run(stage)
 
 
+def exit_for_version() -> bool:
+    """`--version` on any console script: print the package version (and the checkout's commit) instead
+    of running; True when it did."""
+    if "--version" not in sys.argv[1:]:
+        return False
+    import mia_gen
+    from mia_gen.provenance import git_state
+
+    commit, _ = git_state()
+    print(f"mia-gen {mia_gen.__version__}" + (f" (git {commit[:12]})" if commit else ""))
+    return True
+
+
 USAGE_ERROR = 2  # exit code: the command line, config or input cannot be used; the message says what to change
 # (0 = done; 1 = a crash, i.e. a bug, with its traceback; mia-gen-audit adds its own verdict codes)
 
@@ -53,6 +66,8 @@ def hydra_entry(stage: str):
             raise  # in a multirun, Hydra records the failed job and goes on with the others
 
     def main() -> None:
+        if exit_for_version():
+            return
         started.clear()
         try:
             job()

@@ -471,12 +471,15 @@ class SweepSummary(Callback):
 def main(argv: list[str] | None = None) -> int:
     """`mia-gen-summarize <sweep_dir> [--x <override key>]`."""
     import argparse
+
+    import mia_gen
     import sys
 
     parser = argparse.ArgumentParser(prog="mia-gen-summarize",
                                      description="Summarise a mia-gen sweep: the benchmark table (defense, strength, "
                                                  "epsilon, utility, every attack's AUC / TPR@1% / TPR@0.1%, as mean ± "
                                                  "sd over jobs that differ only by seed) and plots.")
+    parser.add_argument("--version", action="version", version=f"mia-gen {mia_gen.__version__}")
     parser.add_argument("sweep_dir", help="the multirun directory (e.g. multirun/2026-11-22/17-00-00)")
     parser.add_argument("--x", default=None,
                         help="the swept override key (default: the one other than seed that varies)")

@@ -165,6 +165,16 @@ def test_a_config_the_cli_cannot_use_exits_with_the_usage_code_not_the_crash_cod
     assert "config is invalid" in result.stderr
 
 
+@pytest.mark.parametrize("script", ["mia-gen", "mia-gen-audit", "mia-gen-summarize"])
+def test_every_console_script_prints_the_package_version(tmp_path, script):
+    import mia_gen
+
+    result = subprocess.run([str(Path(sys.executable).parent / script), "--version"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"mia-gen {mia_gen.__version__}")
+
+
 def test_queries_reach_attacks_in_record_id_order(tmp_path):
     """Attacks see members and non-members mixed in dataset order, never grouped by label."""
     cfg = make_config(MEMORIZER, tmp_path / "cache")
