@@ -186,7 +186,7 @@ def main() -> None:
         + (f" --data {args.data}" if args.data != "both" else "")
         + (f" --device {args.device}" if args.device != "cpu" else ""),
         "device": str(device),
-        "auto_backend": "mia_gen_faiss" if device.type == "cpu" else "mia_gen_torch",
+        "auto_backend": "mia_gen_torch",  # mia_gen.neighbours: backend="auto" is torch on every device
         "machine": machine_info(),
         "data": {kind: run_one(kind, n_queries, n_samples, device, args.repeats) for kind in kinds},
     }
