@@ -154,7 +154,7 @@ def write_outputs(pipeline, scored: dict[str, dict], on_written=None) -> list[di
         results.append(result)
         curves[name] = (labels, scores)
 
-    metadata = pipeline.metadata()
+    metadata = pipeline.metadata(scored)
     blind = _blind_baseline(pipeline)
     payload = {"config_hash": pipeline.config_hash, "metadata": metadata, "attacks": results,
                "blind_baseline": blind}

@@ -475,16 +475,20 @@ class Pipeline:
             eligible = np.setdiff1d(np.arange(len(self.query_ids)), self.labelled_subset()[0])
         return draw_groups(is_member, sizes, n_groups, seed=int(self.cfg.seed), eligible=eligible)
 
-    def score_path(self, name: str, attack: Attack) -> Path:
-        return self.cache_dir / "scores" / f"{name}-{self.attack_key(name, attack)}.json"
+    def score_path(self, name: str, attack: Attack, identity: dict | None = None) -> Path:
+        """The score file of an attack (`identity`: its `score_identity`, when the caller has it already)."""
+        key = config_hash(identity) if identity is not None else self.attack_key(name, attack)
+        return self.cache_dir / "scores" / f"{name}-{key}.json"
 
     def attack(self, require_cached: bool = False) -> dict[str, dict]:
-        """Per-record scores of every selected attack, from the cache or computed now."""
+        """Per-record scores of every selected attack, from the cache or computed now. Each entry also
+        holds, in memory only, `file`: the name of the score file it came from or went to."""
         scored = {}
         for name, attack in self.attacks().items():
-            path = self.score_path(name, attack)
+            identity = self.score_identity(name, attack)
+            path = self.score_path(name, attack, identity)
             if path.is_file():
-                scored[name] = json.loads(path.read_text())
+                scored[name] = {**json.loads(path.read_text()), "file": path.name}
                 computed_with = scored[name].get("versions") or {}
                 log.info("attack %s: cached scores %s (computed by mia-gen %s, commit %s)", name, path.name,
                          computed_with.get("mia_gen"), computed_with.get("git_commit"))
@@ -507,12 +511,11 @@ class Pipeline:
                 else np.asarray(output.neighbour_indices).tolist(),
                 "info": output.info, "seconds": seconds,
                 # what the key hashes, and the code and device that computed the scores: traceable
-                "identity": self.score_identity(name, attack), "versions": self.versions,
-                "device": str(self.device),
+                "identity": identity, "versions": self.versions, "device": str(self.device),
             }
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_json_atomic(path, entry)
-            scored[name] = entry
+            scored[name] = {**entry, "file": path.name}
         return scored
 
     # ---- utility ------------------------------------------------------------------------
@@ -538,18 +541,9 @@ class Pipeline:
         return result
 
     # ---- evaluate -----------------------------------------------------------------------
-    def score_sources(self) -> dict[str, dict]:
-        """Per attack, the cached score file its scores are read from, and the code (`versions`) and device
-        that computed them: a score reused from an earlier run stays traceable."""
-        sources = {}
-        for name, attack in self.attacks().items():
-            path = self.score_path(name, attack)
-            if path.is_file():
-                entry = json.loads(path.read_text())
-                sources[name] = {"file": path.name, "versions": entry.get("versions"), "device": entry.get("device")}
-        return sources
-
-    def metadata(self) -> dict:
+    def metadata(self, scored: dict[str, dict]) -> dict:
+        """The run's metadata; `scored` (`attack()`'s entries) gives per attack the score file its scores were
+        read from, and the code (`versions`) and device that computed them: a reused score stays traceable."""
         meta = {
             "config_hash": self.config_hash, "train_key": self.train_key,
             "sample_key": self.sample_key, "split_key": self.split_key,
@@ -562,7 +556,8 @@ class Pipeline:
                       "n_members": len(self.split.members), "n_non_members": len(self.split.non_members),
                       "n_reference": len(self.split.reference), "seed": self.split.seed},
             "seed": int(self.cfg.seed), "device": str(self.device), "versions": self.versions,
-            "scores": self.score_sources(),
+            "scores": {name: {"file": entry["file"], "versions": entry.get("versions"), "device": entry.get("device")}
+                       for name, entry in scored.items()},
         }
         if self.synthetic_path is None:
             defense = self.defense
