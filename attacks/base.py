@@ -34,7 +34,7 @@ class AttackContext:
     samples: a `SampleStore` of generated samples, for attacks that use one (`Attack.uses_samples`).
     generator: the generator, only for `query` / `white_box` access.
     discriminator: the GAN's discriminator, only for `white_box` access.
-    denoiser: a diffusion model's `models.denoiser.Denoiser`, only for `white_box` access.
+    denoiser: a diffusion model's `mia_gen.models.denoiser.Denoiser`, only for `white_box` access.
     labelled_subset (`(positions, labels)`): only for attacks that learn from labels (e.g. SecMI-NNs):
         positions into `queries` and their member labels; evaluation drops these records.
     reference (`torch.Tensor` of shape `(R, ...)`): only when the attack needs reference data.
@@ -192,10 +192,10 @@ def build_attack(name: str, params: Optional[dict] = None) -> Attack:
     """Build an attack by its registered name with keyword parameters.
 
     A config key that is not a registered name may still name an attack through `_target_`
-    (e.g. `calibrated_fbb: {_target_: attacks.calibration.Calibration, ...}`), so one run can hold
+    (e.g. `calibrated_fbb: {_target_: mia_gen.attacks.calibration.Calibration, ...}`), so one run can hold
     the same attack twice with different settings.
     """
-    import attacks  # noqa: F401  (registers every attack module)
+    import mia_gen.attacks  # noqa: F401  (registers every attack module)
 
     params = dict(params or {})
     cls = ATTACKS.get(name)

@@ -11,7 +11,7 @@ the same queries against it (`AttackContext.reference_model`).
 
 from __future__ import annotations
 
-from attacks.base import Attack, AttackContext, AttackOutput, build_attack, register_attack
+from mia_gen.attacks.base import Attack, AttackContext, AttackOutput, build_attack, register_attack
 from mia_gen.errors import MiaGenError
 
 

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks.base import Access, Attack, AttackContext, AttackOutput, check_positive_int, register_attack
-from attacks.latent_inversion import ReconstructionObjective, check_weights, generator_with_latents, invert, lpips_for
+from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, check_positive_int, register_attack
+from mia_gen.attacks.latent_inversion import ReconstructionObjective, check_weights, generator_with_latents, invert, lpips_for
 from mia_gen.errors import MiaGenError
 
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
-from attacks.timesteps import (
+from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
+from mia_gen.attacks.timesteps import (
     check_images, check_positive_int, check_timesteps, chunks, denoiser_of, epsilon_batched,
     forward_noise, record_noise, sweep_list, sweep_scores,
 )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
+from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
 from mia_gen.features import as_numpy, build_features, feature_matrix
 from mia_gen.kde import GaussianKDE
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attacks.base import Access, Attack, AttackContext, AttackOutput, check_positive_int, register_attack
+from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, check_positive_int, register_attack
 from mia_gen import latent_search
 from mia_gen.errors import MiaGenError
 from mia_gen.record_rng import LATENT_INIT, record_generator

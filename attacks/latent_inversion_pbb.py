@@ -18,8 +18,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attacks.base import Access, Attack, AttackContext, AttackOutput, check_positive_int, register_attack
-from attacks.latent_inversion import (
+from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, check_positive_int, register_attack
+from mia_gen.attacks.latent_inversion import (
     ReconstructionObjective, best_over_restarts, check_weights, generator_with_latents, initial_latents, lpips_for,
 )
 from mia_gen import latent_search

@@ -15,7 +15,7 @@ import tempfile
 import numpy as np
 import torch
 
-from attacks.base import Access, Attack, AttackContext, AttackOutput, check_positive_int, register_attack
+from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, check_positive_int, register_attack
 from mia_gen.errors import MiaGenError
 
 MODES = ("white_box", "black_box")
@@ -65,8 +65,8 @@ class LOGAN(Attack):
 
     def train_shadow(self, context: AttackContext) -> tuple[torch.nn.Module, float]:
         """A DCGAN trained on the first `shadow_samples` generated samples; returns its discriminator."""
-        from models.dcgan import DCGANDiscriminator, DCGANGenerator, discriminator_loss
-        from models.gan_trainer import train_gan
+        from mia_gen.models.dcgan import DCGANDiscriminator, DCGANGenerator, discriminator_loss
+        from mia_gen.models.gan_trainer import train_gan
 
         store = context.samples
         n = min(check_positive_int(self.shadow_samples, "shadow_samples", self.name), len(store))

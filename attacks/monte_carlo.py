@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from attacks.base import Access, Attack, AttackContext, AttackOutput, check_positive_int, register_attack
+from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, check_positive_int, register_attack
 from mia_gen.errors import MiaGenError
 from mia_gen.features import as_numpy, build_features
 from mia_gen.neighbours import nearest_neighbours, pairwise_sq_distances_chunks

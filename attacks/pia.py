@@ -13,8 +13,8 @@ import math
 import numpy as np
 import torch
 
-from attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
-from attacks.timesteps import (
+from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
+from mia_gen.attacks.timesteps import (
     check_images, check_positive_int, check_timesteps, chunks, denoiser_of, epsilon_batched,
     forward_noise, full_t, sweep_list, sweep_scores,
 )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
+from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
 from mia_gen.errors import MiaGenError
 from mia_gen.features import as_numpy
 from mia_gen.neighbours import nearest_neighbours

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
-from attacks.timesteps import (
+from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
+from mia_gen.attacks.timesteps import (
     check_images, check_positive_int, check_timesteps, chunks, ddim_step, denoiser_of,
     epsilon_batched, full_t, sweep_list, sweep_scores,
 )

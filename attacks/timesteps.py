@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from attacks.base import check_positive_int, is_integer  # noqa: F401  (used by the diffusion attacks)
+from mia_gen.attacks.base import check_positive_int, is_integer  # noqa: F401  (used by the diffusion attacks)
 from mia_gen.errors import MiaGenError
 from mia_gen.record_rng import record_generator
 

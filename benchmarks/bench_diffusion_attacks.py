@@ -24,11 +24,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_knn import machine_info, time_interleaved, write_result  # noqa: E402
 
-from attacks import AttackContext, build_attack  # noqa: E402
+from mia_gen.attacks import AttackContext, build_attack  # noqa: E402
 from mia_gen.datasets import load_dataset  # noqa: E402
 from mia_gen.device import resolve_device  # noqa: E402
-from models.ddpm import build_scheduler, build_unet  # noqa: E402
-from models.denoiser import Denoiser  # noqa: E402
+from mia_gen.models.ddpm import build_scheduler, build_unet  # noqa: E402
+from mia_gen.models.denoiser import Denoiser  # noqa: E402
 
 ATTACKS = ("diffusion_loss", "secmi_stat", "pia", "pian")
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "model" / "ddpm.yaml"

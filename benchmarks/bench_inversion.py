@@ -3,7 +3,7 @@
 256 digit targets are inverted through the quick-start DCGAN generator of `configs/model/dcgan.yaml`
 (z = 32, 16 px, random weights: the cost does not depend on training) with the white-box objective
 (L2 + 0.001 (||z||^2 - dim)^2; LPIPS off). "batched" optimises all targets at once
-(`attacks.latent_inversion.invert`, one generator call per step for every target); "loop" runs the
+(`mia_gen.attacks.latent_inversion.invert`, one generator call per step for every target); "loop" runs the
 same function on one target at a time, as GAN-Leaks' scripts do. Both run the same number of
 optimiser steps from the same starts; the two are timed interleaved in one run.
 
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_knn import machine_info, time_interleaved, write_result  # noqa: E402
 
-from attacks.latent_inversion import ReconstructionObjective, invert  # noqa: E402
+from mia_gen.attacks.latent_inversion import ReconstructionObjective, invert  # noqa: E402
 from mia_gen.datasets import load_dataset  # noqa: E402
 from mia_gen.device import resolve_device  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 Full size: 2,000 queries vs 100,000 samples of 3,072 dims (float32), on two kinds of data:
 - "normal": i.i.d. standard normal entries (no structure: no exact pruning can help);
-- "dcgan": 3x32x32 images from `models.dcgan.DCGANGenerator(latent_dim=32, resolution=32,
+- "dcgan": 3x32x32 images from `mia_gen.models.dcgan.DCGANGenerator(latent_dim=32, resolution=32,
   channels=3, base_channels=16)` with random (seeded, DCGAN-initialised) weights, in train mode
   (BatchNorm on batch statistics, batches of 1,000 latents; in eval mode the untrained network
   outputs ~0), samples and queries from different N(0, 1) latents. Values in about [-0.7, 0.7].
@@ -103,7 +103,7 @@ def benchmark_data(kind: str, n_queries: int, n_samples: int) -> tuple[torch.Ten
     if kind == "normal":
         gen = torch.Generator().manual_seed(0)
         return torch.randn(n_queries, 3072, generator=gen), torch.randn(n_samples, 3072, generator=gen)
-    from models.dcgan import DCGANGenerator
+    from mia_gen.models.dcgan import DCGANGenerator
 
     torch.manual_seed(0)
     generator = DCGANGenerator(latent_dim=32, resolution=32, channels=3, base_channels=16).train()

@@ -1,6 +1,6 @@
 """Benchmark (c): peak memory of sampling 10^6 images into the store, and of 1-NN over it.
 
-Draws 1,000,000 samples of 1 x 16 x 16 from a DCGAN generator (`models.dcgan.DCGANGenerator`,
+Draws 1,000,000 samples of 1 x 16 x 16 from a DCGAN generator (`mia_gen.models.dcgan.DCGANGenerator`,
 z = 32, random weights: the cost does not depend on training) into a uint8 `SampleStore`, then
 runs streaming exact 1-NN for 1,000 queries over the whole store. Each step runs in its own
 subprocess and reports its peak RSS (`resource.getrusage(RUSAGE_SELF).ru_maxrss`). Target:
@@ -36,7 +36,7 @@ N_QUERIES = 1000
 def _generator():
     import torch
 
-    from models.dcgan import DCGANGenerator
+    from mia_gen.models.dcgan import DCGANGenerator
 
     torch.manual_seed(0)
     return DCGANGenerator(latent_dim=LATENT_DIM, resolution=RESOLUTION, channels=1, base_channels=BASE_CHANNELS).eval()
@@ -115,7 +115,7 @@ def main() -> None:
         "command": "python benchmarks/bench_sampling_memory.py" + (" --quick" if args.quick else ""),
         "n_samples": n_samples,
         "shard_size": args.shard_size,
-        "generator": f"models.dcgan.DCGANGenerator(latent_dim={LATENT_DIM}, resolution={RESOLUTION}, "
+        "generator": f"mia_gen.models.dcgan.DCGANGenerator(latent_dim={LATENT_DIM}, resolution={RESOLUTION}, "
         f"channels=1, base_channels={BASE_CHANNELS}), random weights",
         "machine": machine_info(),
         "steps": steps,

@@ -1,6 +1,6 @@
 """`mia-gen-attack`: run the pipeline up to the attack stage (earlier stages from the cache)."""
 
-from experiments.common import hydra_entry
+from mia_gen.experiments.common import hydra_entry
 
 main = hydra_entry("attack")
 

@@ -19,7 +19,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from experiments.common import CONFIG_DIR, exit_for_version
+from mia_gen.experiments.common import CONFIG_DIR, exit_for_missing_launcher, exit_for_version
 from mia_gen.errors import MiaGenError
 
 log = logging.getLogger("mia_gen")
@@ -35,7 +35,7 @@ def _one_line(text: str) -> str:
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def audit_job(cfg: DictConfig) -> None:
     """One Hydra job: run the gate and record its outcome (never raises, never exits)."""
-    from mia_gen.audit import run_audit
+    from mia_gen.experiments.release_gate import run_audit
 
     try:
         decision = run_audit(cfg, Path(HydraConfig.get().runtime.output_dir), CONFIG_DIR)
@@ -61,6 +61,7 @@ def main() -> None:
     """The console script: run the Hydra job(s), then exit 0 / 1 / 2 (the worst outcome of any job)."""
     if exit_for_version():
         return
+    exit_for_missing_launcher("mia-gen-audit")  # exits 2 (NO_VERDICT) with the install line
     _outcomes.clear()
     try:
         audit_job()

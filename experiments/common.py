@@ -12,14 +12,23 @@ from omegaconf import DictConfig
 
 from mia_gen.errors import MiaGenError
 
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
+def _config_dir() -> str:
+    """The Hydra configs shipped as package data (`mia_gen.configs`): the checkout's `configs/` in an
+    editable install, `site-packages/mia_gen/configs` in a wheel. Add your own config directory (e.g.
+    your own `experiment=` presets) with `hydra.searchpath=[file:///path/to/configs]`."""
+    from importlib.resources import files
+
+    return str(Path(str(files("mia_gen.configs"))).resolve())
+
+
+CONFIG_DIR = _config_dir()
 
 log = logging.getLogger("mia_gen")
 logging.getLogger("faiss.loader").setLevel(logging.WARNING)  # its CPU-feature probing is noise
 
 
 def run_stage(cfg: DictConfig, stage: str):
-    from mia_gen.pipeline import Pipeline
+    from mia_gen.experiments.pipeline import Pipeline
 
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     pipeline = Pipeline(cfg, run_dir)
@@ -43,6 +52,25 @@ def exit_for_version() -> bool:
 
 USAGE_ERROR = 2  # exit code: the command line, config or input cannot be used; the message says what to change
 # (0 = done; 1 = a crash, i.e. a bug, with its traceback; mia-gen-audit adds its own verdict codes)
+
+# hydra/launcher=<name> -> the Hydra plugin it needs (an extra); without it Hydra's own error is obscure
+LAUNCHER_PLUGINS = {"parallel": "hydra_plugins.hydra_joblib_launcher", "slurm": "hydra_plugins.hydra_submitit_launcher"}
+
+
+def exit_for_missing_launcher(prog: str = "mia-gen") -> None:
+    """`hydra/launcher=parallel|slurm` on the command line without its plugin installed: print the
+    `pip install "mia-gen[...]"` line and exit `USAGE_ERROR` before Hydra starts."""
+    from mia_gen.errors import MissingExtraError
+    from mia_gen.extras import require
+
+    for arg in sys.argv[1:]:
+        key, _, name = arg.partition("=")
+        if key.lstrip("+") == "hydra/launcher" and name in LAUNCHER_PLUGINS:
+            try:
+                require(LAUNCHER_PLUGINS[name], f"hydra/launcher={name}")
+            except MissingExtraError as error:
+                print(f"{prog}: error: {error}", file=sys.stderr)
+                sys.exit(USAGE_ERROR)
 
 
 def hydra_entry(stage: str):
@@ -68,6 +96,7 @@ def hydra_entry(stage: str):
     def main() -> None:
         if exit_for_version():
             return
+        exit_for_missing_launcher()
         started.clear()
         try:
             job()

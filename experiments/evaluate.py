@@ -1,6 +1,6 @@
 """`mia-gen-evaluate`: compute metrics and write outputs from cached attack scores only."""
 
-from experiments.common import hydra_entry
+from mia_gen.experiments.common import hydra_entry
 
 main = hydra_entry("evaluate_only")
 

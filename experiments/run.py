@@ -1,6 +1,6 @@
 """`mia-gen`: the whole pipeline — train, sample, attack, evaluate — each stage cached."""
 
-from experiments.common import hydra_entry
+from mia_gen.experiments.common import hydra_entry
 
 main = hydra_entry("evaluate")
 

@@ -1,6 +1,6 @@
 """`mia-gen-sample`: run the pipeline up to the sample stage (earlier stages from the cache)."""
 
-from experiments.common import hydra_entry
+from mia_gen.experiments.common import hydra_entry
 
 main = hydra_entry("sample")
 

@@ -1,6 +1,6 @@
 """`mia-gen-train`: run the pipeline up to the train stage (earlier stages from the cache)."""
 
-from experiments.common import hydra_entry
+from mia_gen.experiments.common import hydra_entry
 
 main = hydra_entry("train")
 

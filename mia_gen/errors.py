@@ -14,3 +14,8 @@ class MissingAssetError(MiaGenError, FileNotFoundError):
 
 class CorruptStoreError(MiaGenError):
     """A stored artefact (sample shard, checkpoint) is incomplete or damaged."""
+
+
+class MissingExtraError(MiaGenError, ImportError):
+    """A feature needs an optional dependency (a setup.cfg extra) that is not installed; the message
+    gives the `pip install "mia-gen[...]"` line (`mia_gen.extras.require`)."""

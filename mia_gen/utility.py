@@ -4,17 +4,19 @@ A defense that stops membership inference by ruining the samples is no defense; 
 puts a utility figure next to every AUC. Two feature spaces, chosen by `utility.metric`:
 
 - `fid_inception`: the FID of Heusel et al. (NeurIPS'17) in the 2048-d pool features of the
-  TF-ported InceptionV3 that torch-fidelity (and torchmetrics) use. Its weights are not bundled and
-  this tool never downloads them: give `utility.inception_weights=<file>` or put torch-fidelity's
+  TF-ported InceptionV3 that torch-fidelity (and torchmetrics) use; torch-fidelity comes with the
+  `[fid]` extra (`pip install "mia-gen[fid]"`). Its weights are not bundled and this tool never
+  downloads them: give `utility.inception_weights=<file>` or put torch-fidelity's
   `weights-inception-2015-12-05-6726825d.pth` in the torch hub cache (`$TORCH_HOME/hub/checkpoints`).
 - `fid_classifier` (the offline fallback, labelled as such everywhere it is reported): the same
   Fréchet distance in the penultimate features of a small CNN trained here on the dataset's own
   labelled records (cached per dataset). Its numbers are not comparable with Inception FIDs from
   papers, only with each other (same dataset, same numbers of samples).
 
-`auto` takes Inception when its weights are present, else the classifier when the dataset has class
-labels, else measures nothing (and says so). Both FIDs use `n_samples` generated samples against
-`n_real` records of the dataset (seeded subset); lower is better.
+`auto` takes Inception when torch-fidelity is installed and its weights are present, else the
+classifier when the dataset has class labels, else measures nothing; the log says why Inception was
+not taken. Both FIDs use `n_samples` generated samples against `n_real` records of the dataset
+(seeded subset); lower is better.
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
-from mia_gen.errors import MiaGenError, MissingAssetError
+from mia_gen.errors import MiaGenError, MissingAssetError, MissingExtraError
+from mia_gen.extras import install_line, require
 from mia_gen.hashing import config_hash
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,8 @@ class UtilityConfig:
         config = cls(**raw)
         if config.metric not in METRICS:
             raise MiaGenError(f"utility.metric={config.metric!r} is not one of {METRICS}.")
+        if config.metric == "fid_inception":
+            torch_fidelity()  # a missing [fid] extra stops with the install line where the config is read
         for key in ("n_samples", "n_real", "classifier_epochs", "batch_size"):
             value = getattr(config, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < 2:
@@ -96,6 +101,25 @@ def fid_from_features(real: np.ndarray, fake: np.ndarray) -> float:
 
 
 # ---- feature extractors ------------------------------------------------------------------------
+def torch_fidelity():
+    """torch-fidelity's InceptionV3 module, or `MissingExtraError` with `pip install "mia-gen[fid]"`."""
+    return require("torch_fidelity.feature_extractor_inceptionv3", "utility.metric=fid_inception (Inception FID)")
+
+
+def inception_unavailable(config: UtilityConfig) -> str | None:
+    """Why the Inception FID cannot run on this machine (None when it can), for `auto`'s fallback.
+    A configured weights file that does not exist still raises (a typo is not a reason to fall back)."""
+    reasons = []
+    try:
+        torch_fidelity()
+    except MissingExtraError:  # an installed but broken torch-fidelity raises its own ImportError instead
+        reasons.append(f"torch-fidelity is not installed ({install_line('fid')})")
+    if inception_weights_path(config.inception_weights) is None:
+        reasons.append(f"no InceptionV3 weights (torch-fidelity's {INCEPTION_WEIGHTS} in "
+                       f"{Path(torch.hub.get_dir()) / 'checkpoints'}, or utility.inception_weights=<file>)")
+    return " and ".join(reasons) or None
+
+
 def inception_weights_path(configured: str | None) -> Path | None:
     """The InceptionV3 weights file to use: `configured`, else torch-fidelity's file in the hub cache."""
     if configured:
@@ -114,18 +138,14 @@ class InceptionFeatures:
     """2048-d pool features of torch-fidelity's InceptionV3 (images in [-1, 1], 1 or 3 channels)."""
 
     def __init__(self, weights: Path, device: torch.device):
-        try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except ImportError as error:
-            raise MissingAssetError("utility.metric=fid_inception needs torch-fidelity: pip install torch-fidelity, "
-                                    "or set utility.metric=fid_classifier.") from error
+        extractor_class = torch_fidelity().FeatureExtractorInceptionV3
         try:  # refuse anything but plain tensors before torch-fidelity unpickles the file itself
             torch.load(weights, map_location="cpu", weights_only=True)
         except Exception as error:
             raise MiaGenError(f"{weights} is not a plain InceptionV3 state dict ({error}); use torch-fidelity's "
                               f"{INCEPTION_WEIGHTS}.") from error
-        self.model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"],
-                                                 feature_extractor_weights_path=str(weights)).to(device).eval()
+        self.model = extractor_class("inception-v3-compat", ["2048"],
+                                     feature_extractor_weights_path=str(weights)).to(device).eval()
         self.device = device
 
     @torch.no_grad()
@@ -223,7 +243,7 @@ def choose_metric(config: UtilityConfig, records) -> str:
         return config.metric
     if records.kind != "image":
         return "none"
-    if inception_weights_path(config.inception_weights) is not None:
+    if inception_unavailable(config) is None:
         return "fid_inception"
     if records.labels is not None and len(torch.unique(records.labels)) >= 2:
         return "fid_classifier"
@@ -240,12 +260,20 @@ def measure_utility(records, samples, config: UtilityConfig, cache_dir: Path, de
     """The utility of a sample store against the dataset it imitates, or None when `metric` resolves
     to none. Returns {"metric", "label", "value", "n_samples", "n_real", ...}."""
     metric = choose_metric(config, records)
+    if config.metric == "auto" and records.kind != "image":
+        log.warning("utility not measured: both FIDs compare images, and dataset '%s' holds %s records",
+                    records.name, records.kind)
+    elif config.metric == "auto" and metric != "fid_inception":
+        why = inception_unavailable(config)
+        if metric == "none":
+            log.warning("utility not measured: the Inception FID needs what is missing here (%s), and dataset "
+                        "'%s' has no class labels for the offline classifier-feature FID", why, records.name)
+        else:
+            log.info("utility: %s, because the Inception FID needs what is missing here: %s", LABELS[metric], why)
     if metric == "none":
-        if config.metric == "auto":
-            log.warning("utility not measured: no InceptionV3 weights (utility.inception_weights) and dataset "
-                        "'%s' has no class labels for the offline classifier-feature FID", records.name)
         return None
     if metric == "fid_inception":
+        torch_fidelity()  # before the weights: installing the extra is the first step
         weights = inception_weights_path(config.inception_weights)
         if weights is None:
             raise MissingAssetError(

@@ -2,7 +2,10 @@
 a trainer's checkpoint so that a crash never leaves a half-written one, and verify it on load.
 
 No pickles: weights go through safetensors, the architecture through the JSON `_target_`, which
-must name a class inside the `models.` package (a checkpoint cannot make us import arbitrary code).
+must name a class inside the `mia_gen.models` package (a checkpoint cannot make us import arbitrary code).
+Checkpoints written before mia-gen had one namespace name `models.<module>.<Class>`; they load as
+`mia_gen.models.<module>.<Class>` (`canonical_target`), never as a top-level `models` package (which,
+in a user's project, would be their own code).
 """
 
 import importlib
@@ -23,7 +26,15 @@ from mia_gen.errors import CorruptStoreError, MiaGenError, MissingAssetError
 
 log = logging.getLogger(__name__)
 
-ALLOWED_TARGET_PACKAGE = "models."
+ALLOWED_TARGET_PACKAGE = "mia_gen.models."
+LEGACY_TARGET_PACKAGE = "models."  # checkpoints written before the single namespace (mia-gen <= 0.1)
+
+
+def canonical_target(target: object) -> object:
+    """A checkpoint's `_target_` in today's namespace: `models.dcgan.X` (pre-namespace) -> `mia_gen.models.dcgan.X`."""
+    if isinstance(target, str) and target.startswith(LEGACY_TARGET_PACKAGE):
+        return "mia_gen." + target
+    return target
 
 
 def atomic_replace(path: Path, write) -> None:
@@ -46,7 +57,7 @@ def save_module(module: nn.Module, directory: str | os.PathLike, name: str) -> P
     if not isinstance(config, dict) or "_target_" not in config:
         raise MiaGenError(
             f"{type(module).__name__} has no `config` dict with a `_target_`, so it could not be rebuilt; "
-            "derive the model from models.gan.Generator / Discriminator (or give it a `config` property)."
+            "derive the model from mia_gen.models.gan.Generator / Discriminator (or give it a `config` property)."
         )
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -59,9 +70,10 @@ def save_module(module: nn.Module, directory: str | os.PathLike, name: str) -> P
 
 
 def _resolve_target(target: object, source: Path) -> type:
+    target = canonical_target(target)
     if not isinstance(target, str) or not target.startswith(ALLOWED_TARGET_PACKAGE):
         raise MiaGenError(
-            f"{source} names _target_={target!r}, which is outside the `models.` package; mia-gen only "
+            f"{source} names _target_={target!r}, which is outside the `mia_gen.models` package; mia-gen only "
             "rebuilds its own model classes from checkpoints. Put the class under models/ and save it again."
         )
     module_path, _, class_name = target.rpartition(".")
@@ -74,7 +86,7 @@ def _resolve_target(target: object, source: Path) -> type:
         ) from err
     if not (isinstance(cls, type) and issubclass(cls, nn.Module) and cls.__module__.startswith(ALLOWED_TARGET_PACKAGE)):
         raise MiaGenError(
-            f"{source} names _target_={target!r}, which is not a model class defined in the `models.` package."
+            f"{source} names _target_={target!r}, which is not a model class defined in the `mia_gen.models` package."
         )
     return cls
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.gan import BASE_FEATURE_SIZE, Discriminator, Generator, num_scale_stages
+from mia_gen.models.gan import BASE_FEATURE_SIZE, Discriminator, Generator, num_scale_stages
 
 
 def _dcgan_init(module: nn.Module) -> None:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from mia_gen.errors import MiaGenError
-from models.denoiser import scheduler_from_betas
+from mia_gen.models.denoiser import scheduler_from_betas
 
 SUPPORTED_RESOLUTIONS = (16, 32, 64)
 SUPPORTED_CHANNELS = (1, 3)

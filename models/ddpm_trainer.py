@@ -1,4 +1,4 @@
-"""Train a DDPM (`models.ddpm`) on the members, with EMA and atomic, resumable checkpoints.
+"""Train a DDPM (`mia_gen.models.ddpm`) on the members, with EMA and atomic, resumable checkpoints.
 
 Checkpoint layout in `out_dir` — a diffusers `DDPMPipeline` directory plus trainer state:
 
@@ -7,7 +7,7 @@ Checkpoint layout in `out_dir` — a diffusers `DDPMPipeline` directory plus tra
 - `trainer_state.pt`: optimiser state, step, RNG states (tensors only; read with weights_only=True);
 - `trainer_state.json`: `{"step", "complete", "steps", "training_hash", "files"}` (`files`: size and
   sha256 of every other file, verified before they are loaded). Each checkpoint is written whole in a
-  staging folder, then moved in (`models.checkpoint.save_checkpoint`), so a crash mid-write leaves
+  staging folder, then moved in (`mia_gen.models.checkpoint.save_checkpoint`), so a crash mid-write leaves
   the previous checkpoint to resume from;
 - `samples/step_XXXXXX.png`: DDIM grids (EMA weights) of a fixed set of 16 initial noises.
 
@@ -38,13 +38,13 @@ from tqdm.auto import tqdm
 from mia_gen.device import resolve_device
 from mia_gen.errors import CorruptStoreError, MiaGenError
 from mia_gen.hashing import config_hash
-from models.checkpoint import (STATE_PT, atomic_replace, load_trainer_state, read_checkpoint_summary, retrain_hint,
+from mia_gen.models.checkpoint import (STATE_PT, atomic_replace, load_trainer_state, read_checkpoint_summary, retrain_hint,
                                save_checkpoint, verify_checkpoint)
-from models.ddpm import build_scheduler, build_unet, diffusion_loss
-from models.defense import Defense
-from models.denoiser import PIPELINE_INDEX, UNET_WEIGHTS, Denoiser
-from models.diffusion_sampling import DiffusionSampler
-from models.gan_trainer import MemberBatches, training_config_with_keys, validate_members
+from mia_gen.models.ddpm import build_scheduler, build_unet, diffusion_loss
+from mia_gen.models.defense import Defense
+from mia_gen.models.denoiser import PIPELINE_INDEX, UNET_WEIGHTS, Denoiser
+from mia_gen.models.diffusion_sampling import DiffusionSampler
+from mia_gen.models.gan_trainer import MemberBatches, training_config_with_keys, validate_members
 
 TRAINING_KEYS = (
     "steps", "batch_size", "optimizer", "lr", "adam_betas", "weight_decay", "warmup_steps", "grad_clip",
@@ -172,7 +172,7 @@ def train_ddpm(
     out_dir: checkpoint directory; a checkpoint with step < steps is resumed, a finished one is
         loaded without training (extending `training.steps` continues it).
     stop_after: stop (as if interrupted) once this many steps are done, leaving an incomplete checkpoint.
-    defense: a `models.defense.Defense` (weight decay on the UNet; augmentation of each member batch).
+    defense: a `mia_gen.models.defense.Defense` (weight decay on the UNet; augmentation of each member batch).
     """
     model = OmegaConf.to_container(model_cfg, resolve=True) if isinstance(model_cfg, DictConfig) else dict(model_cfg)
     cfg = validate_training_config(model.get("training") or {})
@@ -231,7 +231,7 @@ def train_ddpm(
                                   base=OPTIMIZERS[cfg["optimizer"]], weight_decay=cfg["weight_decay"])
     private = None
     if defense.name == "dp_sgd":
-        from models.privacy import PrivateTraining
+        from mia_gen.models.privacy import PrivateTraining
 
         private = PrivateTraining(unet, optimizer, defense, members.shape[0], cfg["batch_size"], cfg["steps"],
                                   noise_seed + 1, "UNet")

@@ -5,16 +5,16 @@ A defense is read from `configs/defense/<name>.yaml` (`Defense.from_config`, str
 - `none`: train as is;
 - `weight_decay`: decoupled weight decay (AdamW, Loshchilov & Hutter, ICLR'19) on every trained
   network (GAN: generator and discriminator; DDPM: the UNet);
-- `dp_sgd`: DP-SGD with Opacus (`models/privacy.py`) on the network that sees the members (GAN:
-  the discriminator, the generator learning only through it; DDPM: the UNet), for a target
-  epsilon (with delta) or a given noise multiplier; the epsilon spent is written beside the model;
-- `federated`: FedAvg on Flower over `clients` disjoint shares of the members for `rounds` rounds
-  of `training.steps / rounds` local steps each (`models/federated.py`);
+- `dp_sgd`: DP-SGD with Opacus (the `[dp]` extra; `models/privacy.py`) on the network that sees
+  the members (GAN: the discriminator, the generator learning only through it; DDPM: the UNet), for
+  a target epsilon (with delta) or a given noise multiplier; the epsilon spent is written beside the model;
+- `federated`: FedAvg on Flower (the `[fl]` extra) over `clients` disjoint shares of the members for
+  `rounds` rounds of `training.steps / rounds` local steps each (`models/federated.py`);
 - `early_stopping`: release the model as it was after `steps` training steps (or `fraction` of
   `model.training.steps`) instead of at the end. `effective_training` maps it onto the undefended
   model trained for that many steps, so it shares that model's cache and a sweep of stopping points
   (`defense.fraction=0.125,0.25,0.5`) reads AUC against training steps off one training lineage
-  (the pipeline resumes a longer run from a shorter one; `mia_gen/pipeline.py`);
+  (the pipeline resumes a longer run from a shorter one; `experiments/pipeline.py`);
 - `augmentation`: every member batch is transformed on the fly before the model sees it: random
   horizontal flips, random crops after reflect-padding, and RandAugment-style ops (Cubuk et al.,
   2020: `randaugment_ops` ops per image drawn from brightness, contrast, translation, at
@@ -127,6 +127,14 @@ class Defense:
             if self.fraction is not None and (isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float))
                                               or not 0 < self.fraction <= 1):
                 raise MiaGenError(f"defense.fraction must lie in (0, 1], got {self.fraction!r}.")
+        # the optional dependency (setup.cfg extra) is checked with the settings, so that a missing one stops
+        # the run before any training, with the `pip install "mia-gen[...]"` line (MissingExtraError)
+        if self.name == "dp_sgd":
+            from mia_gen.models.privacy import opacus
+
+            opacus("accountants")
+        elif self.name == "federated":
+            import mia_gen.models.federated  # noqa: F401  (Flower)
 
     def stop_step(self, planned_steps: int) -> int:
         """The training step an early-stopped model is released at, for a run planned for `planned_steps`

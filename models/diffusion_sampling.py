@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mia_gen.errors import MiaGenError
-from models.denoiser import Denoiser
+from mia_gen.models.denoiser import Denoiser
 
 SAMPLERS = ("ddim", "ddpm")
 
@@ -38,7 +38,7 @@ class DiffusionSampler(nn.Module):
     """Generator-like wrapper: `forward(z)` runs the reverse process from x_T = z.
 
     Args:
-        denoiser: the model (`models.denoiser.Denoiser`).
+        denoiser: the model (`mia_gen.models.denoiser.Denoiser`).
         sampler: "ddim" (deterministic for eta=0) or "ddpm" (ancestral, eta = 1).
         steps: number of denoising steps, 1 <= steps <= T.
         eta: DDIM stochasticity in [0, 1]; None = 0 for ddim, 1 for ddpm.

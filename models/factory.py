@@ -1,9 +1,9 @@
 """Train and load generators by model family, so the pipeline does not know their trainers.
 
-Families: `gan` (DCGAN, WGAN-GP: `models.gan_trainer`), `memorizer` (noisy copies of the
+Families: `gan` (DCGAN, WGAN-GP: `mia_gen.models.gan_trainer`), `memorizer` (noisy copies of the
 training records; the leakage upper bound used in tests and sanity checks), `diffusion` (DDPM:
-`models.ddpm_trainer`; pretrained diffusers pipelines; served to white-box attacks as a
-`models.denoiser.Denoiser` and to the sample store as a `models.diffusion_sampling.DiffusionSampler`).
+`mia_gen.models.ddpm_trainer`; pretrained diffusers pipelines; served to white-box attacks as a
+`mia_gen.models.denoiser.Denoiser` and to the sample store as a `mia_gen.models.diffusion_sampling.DiffusionSampler`).
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ def train_model(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path, dev
     """Train (or resume, or find finished) the model of `model_cfg` on `members` into `out_dir`.
 
     members (`torch.Tensor` of shape `(N, C, H, W)`, in [-1, 1]). defense_cfg: `cfg.defense`
-    (`models.defense`), applied by the trainer.
+    (`mia_gen.models.defense`), applied by the trainer.
     """
-    from models.defense import Defense, effective_training
+    from mia_gen.models.defense import Defense, effective_training
 
     model_cfg, defense_cfg = effective_training(model_cfg, defense_cfg)
     defense = Defense.from_config(defense_cfg)
@@ -63,11 +63,11 @@ def train_model(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path, dev
                 "model.checkpoint=<pipeline directory> (or a hub id with model.allow_download=true), or use "
                 "model=ddpm to train one."
             )
-        from models.ddpm_trainer import train_ddpm
+        from mia_gen.models.ddpm_trainer import train_ddpm
 
         train_ddpm(model_cfg, members, out_dir, device, progress=progress, defense=defense)
         return
-    from models.gan_trainer import train_gan
+    from mia_gen.models.gan_trainer import train_gan
 
     generator, discriminator = _initial_gan(model_cfg)
     with torch.random.fork_rng(devices=[]):  # a resumed run restores its saved RNG state inside the fork only
@@ -85,9 +85,9 @@ def _initial_gan(model_cfg: DictConfig) -> tuple[torch.nn.Module, torch.nn.Modul
 
 def _train_federated(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path, device: torch.device,
                      defense) -> None:
-    """FedAvg over `defense.clients` clients, each training with the model's own trainer (`models.federated`)."""
-    from models.defense import Defense
-    from models.federated import train_federated
+    """FedAvg over `defense.clients` clients, each training with the model's own trainer (`mia_gen.models.federated`)."""
+    from mia_gen.models.defense import Defense
+    from mia_gen.models.federated import train_federated
 
     steps, rounds = int(model_cfg.training.steps), int(defense.rounds)
     if steps % rounds:
@@ -99,12 +99,12 @@ def _train_federated(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path
     def train(client_members: torch.Tensor, directory: Path, stop_after: int) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         if _family(model_cfg) == "diffusion":
-            from models.ddpm_trainer import train_ddpm
+            from mia_gen.models.ddpm_trainer import train_ddpm
 
             train_ddpm(model_cfg, client_members, directory, device, progress=False, stop_after=stop_after,
                        defense=Defense())
             return
-        from models.gan_trainer import train_gan
+        from mia_gen.models.gan_trainer import train_gan
 
         generator, discriminator = _initial_gan(model_cfg)  # the weights pooled training would start from
         with torch.random.fork_rng(devices=[]):
@@ -119,7 +119,7 @@ def load_generator(model_cfg: DictConfig, model_dir: Path, device: torch.device)
     """The trained generator in eval mode on `device` (a diffusion model: its `DiffusionSampler`)."""
     family = _family(model_cfg)
     if family == "diffusion":
-        from models.diffusion_sampling import DiffusionSampler
+        from mia_gen.models.diffusion_sampling import DiffusionSampler
 
         sampler = model_cfg.get("sampler") or {}
         return DiffusionSampler(load_diffusion_denoiser(model_cfg, model_dir, device), sampler.get("name", "ddim"),
@@ -132,20 +132,20 @@ def load_generator(model_cfg: DictConfig, model_dir: Path, device: torch.device)
     if family == "memorizer":
         generator = _load_memorizer(model_dir)
     else:
-        from models.checkpoint import load_module
+        from mia_gen.models.checkpoint import load_module
 
         generator = load_module(model_dir, "generator")
     return generator.to(device).eval()
 
 
 def load_diffusion_denoiser(model_cfg: DictConfig, model_dir: Path | str, device: torch.device) -> torch.nn.Module:
-    """The `models.denoiser.Denoiser` (EMA weights when present and `model.use_ema`) white-box attacks use."""
+    """The `mia_gen.models.denoiser.Denoiser` (EMA weights when present and `model.use_ema`) white-box attacks use."""
     if _family(model_cfg) != "diffusion":
         raise MiaGenError(
             f"model family '{model_cfg.family}' has no denoiser; white-box diffusion attacks need a diffusion "
             "model (model=ddpm, model=diffusers)."
         )
-    from models.denoiser import load_denoiser
+    from mia_gen.models.denoiser import load_denoiser
 
     return load_denoiser(model_cfg, model_dir, device)
 
@@ -153,14 +153,14 @@ def load_diffusion_denoiser(model_cfg: DictConfig, model_dir: Path | str, device
 def load_discriminator(model_cfg: DictConfig, model_dir: Path, device: torch.device) -> torch.nn.Module:
     if _family(model_cfg) != "gan":
         raise MiaGenError(f"model family '{model_cfg.family}' has no discriminator to load.")
-    from models.checkpoint import load_module
+    from mia_gen.models.checkpoint import load_module
 
     return load_module(model_dir, "discriminator").to(device).eval()
 
 
 def _save_memorizer(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path) -> None:
-    from models.checkpoint import atomic_replace
-    from models.memorizer import NoisyCopyGenerator
+    from mia_gen.models.checkpoint import atomic_replace
+    from mia_gen.models.memorizer import NoisyCopyGenerator
 
     generator = NoisyCopyGenerator(members, **OmegaConf.to_container(model_cfg.generator, resolve=True))
     weights = {"records": generator.records.contiguous()}
@@ -169,7 +169,7 @@ def _save_memorizer(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path)
 
 
 def _load_memorizer(model_dir: Path) -> torch.nn.Module:
-    from models.memorizer import NoisyCopyGenerator
+    from mia_gen.models.memorizer import NoisyCopyGenerator
 
     weights, config = model_dir / "generator.safetensors", model_dir / "generator.json"
     for path in (weights, config):

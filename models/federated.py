@@ -28,9 +28,11 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mia_gen.errors import MiaGenError
-from models.checkpoint import atomic_replace, read_checkpoint_summary, record_rewritten_files
+from mia_gen.extras import require
+from mia_gen.models.checkpoint import atomic_replace, read_checkpoint_summary, record_rewritten_files
 
 FEDERATED_JSON = "federated.json"
+FEATURE = "defense=federated (FedAvg on Flower)"  # what needs Flower, in the user's words (the [fl] extra)
 TrainFn = Callable[[torch.Tensor, Path, int], None]  # (members, client_dir, stop_after_steps)
 
 
@@ -79,13 +81,9 @@ def _client_step(directory: Path) -> int:
     return 0 if summary is None else summary["step"]
 
 
-try:
-    from flwr.client import NumPyClient
-except ImportError as error:  # pragma: no cover - flwr is a dependency
-    raise MiaGenError("federated training needs Flower: pip install flwr") from error
-
-
-class MemberClient(NumPyClient):
+# Flower comes with the [fl] extra: importing this module without it raises MissingExtraError with the
+# install line (the rest of flwr is then there too)
+class MemberClient(require("flwr.client", FEATURE).NumPyClient):
     """A Flower client holding its own members; `fit` trains `local_steps` more steps from the global weights."""
 
     def __init__(self, members: torch.Tensor, directory: Path, train: TrainFn, local_steps: int):

@@ -7,7 +7,7 @@ Attacks, the sampler and the trainer rely only on what is defined here:
 - a discriminator (or WGAN critic) has `resolution`, `channels` and `forward(x) -> (N,)`
   (higher = "real");
 - both carry their config (`module.config`, `_target_` plus constructor kwargs) so that
-  `models.checkpoint` can rebuild them.
+  `mia_gen.models.checkpoint` can rebuild them.
 """
 
 from typing import Any

@@ -5,11 +5,11 @@ a fresh batch of members (Gulrajani et al., 2017, Algorithm 1).
 
 Checkpoint layout in `out_dir`:
 
-- `generator.{safetensors,json}`, `discriminator.{safetensors,json}` (`models.checkpoint.save_module`);
+- `generator.{safetensors,json}`, `discriminator.{safetensors,json}` (`mia_gen.models.checkpoint.save_module`);
 - `trainer_state.pt`: optimiser states, step, RNG states (tensors only; read with weights_only=True);
 - `trainer_state.json`: `{"step", "complete", "steps", "training_hash", "files"}` (`files`: size and
   sha256 of every other file, verified before they are loaded). Each checkpoint is written whole in a
-  staging folder, then moved in (`models.checkpoint.save_checkpoint`), so a crash mid-write leaves
+  staging folder, then moved in (`mia_gen.models.checkpoint.save_checkpoint`), so a crash mid-write leaves
   the previous checkpoint to resume from;
 - `samples/step_XXXXXX.png`: grids of a fixed set of 64 latent codes.
 
@@ -34,10 +34,10 @@ from tqdm.auto import tqdm
 from mia_gen.device import resolve_device
 from mia_gen.errors import MiaGenError
 from mia_gen.hashing import config_hash
-from models import dcgan, wgan_gp
-from models.checkpoint import (STATE_PT, atomic_replace, load_module, load_trainer_state, read_checkpoint_summary,
+from mia_gen.models import dcgan, wgan_gp
+from mia_gen.models.checkpoint import (STATE_PT, atomic_replace, load_module, load_trainer_state, read_checkpoint_summary,
                                save_checkpoint, save_module, verify_checkpoint)
-from models.defense import Defense
+from mia_gen.models.defense import Defense
 
 TRAINING_KEYS = (
     "loss", "steps", "batch_size", "lr_g", "lr_d", "betas", "n_critic",
@@ -247,7 +247,7 @@ def train_gan(
     out_dir: checkpoint directory. If it holds a checkpoint with step < steps, training continues from
         it; if it holds a finished run (step == steps), the saved generator is loaded and returned.
     stop_after: stop (as if interrupted) once this many steps are done, leaving an incomplete checkpoint.
-    defense: a `models.defense.Defense` (weight decay on both networks; augmentation of the real batch
+    defense: a `mia_gen.models.defense.Defense` (weight decay on both networks; augmentation of the real batch
         and, with `augment_fakes`, of the generated ones).
     """
     cfg = validate_training_config(training_cfg)
@@ -300,7 +300,7 @@ def train_gan(
                 "defense=dp_sgd trains the discriminator with per-sample gradients, which the WGAN-GP gradient "
                 "penalty (a gradient of a gradient) does not have in Opacus; use model.training.loss=dcgan."
             )
-        from models.privacy import PrivateTraining
+        from mia_gen.models.privacy import PrivateTraining
 
         private = PrivateTraining(discriminator, optimizers["discriminator"], defense, members.shape[0],
                                   cfg["batch_size"], cfg["steps"] * cfg["n_critic"], noise_seed + 1,

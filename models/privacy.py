@@ -20,30 +20,34 @@ from typing import Any
 import torch
 
 from mia_gen.errors import MiaGenError
+from mia_gen.extras import require
 
 PRIVACY_JSON = "privacy.json"
+FEATURE = "defense=dp_sgd (DP-SGD)"  # what needs Opacus, in the user's words (the [dp] extra)
+
+
+def opacus(submodule: str):
+    """`opacus.<submodule>`, or `MissingExtraError` with `pip install "mia-gen[dp]"`. Opacus is imported
+    only when a private run needs it: this module (its privacy reports) is read without it."""
+    return require(f"opacus.{submodule}", FEATURE)
 
 
 def _check_module(module: torch.nn.Module, what: str) -> None:
-    from opacus.validators import ModuleValidator
-
-    errors = ModuleValidator.validate(module, strict=False)
+    errors = opacus("validators").ModuleValidator.validate(module, strict=False)
     if errors:
         reasons = "; ".join(sorted({str(e) for e in errors}))
         raise MiaGenError(
             f"defense=dp_sgd cannot train the {what} privately. Opacus says: {reasons}. "
             "BatchNorm mixes the samples of a batch, so it has no per-sample gradient: for DCGAN use the "
-            "GroupNorm discriminator (model.discriminator._target_=models.dcgan.DCGANDiscriminatorGroupNorm)."
+            "GroupNorm discriminator (model.discriminator._target_=mia_gen.models.dcgan.DCGANDiscriminatorGroupNorm)."
         )
 
 
 def epsilon_spent(noise_multiplier: float, sample_rate: float, steps: int, delta: float, accountant: str) -> float:
     """The accountant's epsilon after `steps` subsampled Gaussian steps (0 before the first)."""
-    from opacus.accountants import create_accountant
-
     if steps == 0:
         return 0.0
-    ledger = create_accountant(accountant)
+    ledger = opacus("accountants").create_accountant(accountant)
     ledger.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
     return float(ledger.get_epsilon(delta=delta))
 
@@ -59,10 +63,6 @@ class PrivateTraining:
 
     def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer, defense: Any, n_records: int,
                  batch_size: int, total_steps: int, seed: int, what: str, expected_batch_size: int | None = None):
-        from opacus import GradSampleModule
-        from opacus.accountants.utils import get_noise_multiplier
-        from opacus.optimizers import DPOptimizer
-
         _check_module(module, what)
         if batch_size > n_records:
             raise MiaGenError(f"dp_sgd: batch_size={batch_size} exceeds the {n_records} members; lower training.batch_size.")
@@ -76,15 +76,15 @@ class PrivateTraining:
         if defense.noise_multiplier is not None:
             self.noise_multiplier = float(defense.noise_multiplier)
         else:
-            self.noise_multiplier = float(get_noise_multiplier(
+            self.noise_multiplier = float(opacus("accountants.utils").get_noise_multiplier(
                 target_epsilon=float(defense.target_epsilon), target_delta=self.delta, sample_rate=self.sample_rate,
                 steps=self.total_steps, accountant=self.accountant))
         self.max_grad_norm = float(defense.max_grad_norm)
         self.noise_rng = torch.Generator(device=next(module.parameters()).device).manual_seed(seed)
-        self.module = GradSampleModule(module, loss_reduction="sum")
-        self.optimizer = DPOptimizer(optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
-                                     expected_batch_size=expected_batch_size or batch_size, loss_reduction="mean",
-                                     generator=self.noise_rng)
+        self.module = opacus("grad_sample").GradSampleModule(module, loss_reduction="sum")
+        self.optimizer = opacus("optimizers").DPOptimizer(
+            optimizer, noise_multiplier=self.noise_multiplier, max_grad_norm=self.max_grad_norm,
+            expected_batch_size=expected_batch_size or batch_size, loss_reduction="mean", generator=self.noise_rng)
 
     def backward(self, loss: torch.Tensor) -> None:
         """`loss.backward()` (Opacus' hooks warn that the inputs need no gradient: they never do here)."""
@@ -103,7 +103,7 @@ class PrivateTraining:
                 "planned_private_steps": self.total_steps, "accountant": self.accountant}
 
     def write_report(self, out_dir: Path, steps_done: int) -> None:
-        from models.checkpoint import atomic_replace
+        from mia_gen.models.checkpoint import atomic_replace
 
         report = self.report(steps_done)
         atomic_replace(Path(out_dir) / PRIVACY_JSON, lambda tmp: tmp.write_text(json.dumps(report, indent=2)))

@@ -9,7 +9,7 @@ normalization").
 import torch
 from torch import nn
 
-from models.dcgan import DCGANDiscriminator, DCGANGenerator
+from mia_gen.models.dcgan import DCGANDiscriminator, DCGANGenerator
 
 
 class WGANGPGenerator(DCGANGenerator):

@@ -9,12 +9,12 @@ import torch
 from sklearn.decomposition import PCA
 from sklearn.metrics import roc_auc_score
 
-from attacks import ATTACKS, Access, AttackContext, build_attack
+from mia_gen.attacks import ATTACKS, Access, AttackContext, build_attack
 from mia_gen.errors import MiaGenError
 from mia_gen.datasets import load_dataset
 from mia_gen.kde import GaussianKDE
 from mia_gen.sample_store import write_samples
-from models.memorizer import NoisyCopyGenerator
+from mia_gen.models.memorizer import NoisyCopyGenerator
 
 
 def store_from(path, generator, n_samples, seed=0, storage_dtype="float32"):

@@ -8,12 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-import experiments.audit as gate
-import mia_gen.audit as audit_module
-import mia_gen.evaluation as evaluation_module
-from mia_gen.audit import attacks_for_access, shift_warning, verdict, write_audit
+import mia_gen.experiments.audit as gate
+import mia_gen.experiments.release_gate as audit_module
+import mia_gen.experiments.evaluation as evaluation_module
+from mia_gen.experiments.release_gate import attacks_for_access, shift_warning, verdict, write_audit
 from mia_gen.errors import MiaGenError
-from mia_gen.pipeline import Pipeline
+from mia_gen.experiments.pipeline import Pipeline
 from test_blind_baseline import _shifted_split
 from test_pipeline import FAST, MEMORIZER, make_config, run_cli
 

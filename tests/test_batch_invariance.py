@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 import torch
 
-from attacks import ATTACKS, AttackContext, build_attack
+from mia_gen.attacks import ATTACKS, AttackContext, build_attack
 from mia_gen.sample_store import write_samples
-from models.dcgan import DCGANDiscriminator, DCGANGenerator
+from mia_gen.models.dcgan import DCGANDiscriminator, DCGANGenerator
 from test_diffusion_attacks import UNetDenoiser
 
 pytestmark = pytest.mark.usefixtures("single_thread")

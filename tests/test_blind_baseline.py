@@ -11,11 +11,11 @@ from sklearn.metrics import roc_auc_score
 
 from mia_gen.blind_baseline import blind_baseline, out_of_fold_scores
 from mia_gen.datasets import load_dataset
-from mia_gen import evaluation
+from mia_gen.experiments import evaluation
 from mia_gen.errors import MiaGenError
-from mia_gen.pipeline import Pipeline
+from mia_gen.experiments.pipeline import Pipeline
 from mia_gen.splits import Split
-from mia_gen.tracking import Tracker
+from mia_gen.experiments.tracking import Tracker
 from test_pipeline import MEMORIZER, make_config
 
 

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from attacks.base import AttackContext, build_attack
-from attacks.co_membership import train_encoder
-from attacks.latent_inversion import ReconstructionObjective, invert
+from mia_gen.attacks.base import AttackContext, build_attack
+from mia_gen.attacks.co_membership import train_encoder
+from mia_gen.attacks.latent_inversion import ReconstructionObjective, invert
 from mia_gen.errors import MiaGenError
 from mia_gen.groups import draw_groups, group_labels, per_record_average
 from mia_gen.metrics import group_auc

@@ -12,10 +12,10 @@ from omegaconf import OmegaConf
 
 from conftest import crash_on_checkpoint_move
 from mia_gen.errors import MiaGenError
-from models import ddpm_trainer
-from models.ddpm import build_unet, diffusion_loss
-from models.ddpm_trainer import ema_update, learning_rate, train_ddpm
-from models.denoiser import load_denoiser
+from mia_gen.models import ddpm_trainer
+from mia_gen.models.ddpm import build_unet, diffusion_loss
+from mia_gen.models.ddpm_trainer import ema_update, learning_rate, train_ddpm
+from mia_gen.models.denoiser import load_denoiser
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -359,8 +359,8 @@ def test_model_configs_keep_the_shared_keys_and_build():
 
 
 def test_factory_trains_and_loads_the_diffusion_family(tmp_path):
-    from models.diffusion_sampling import DiffusionSampler
-    from models.factory import load_diffusion_denoiser, load_generator, train_model
+    from mia_gen.models.diffusion_sampling import DiffusionSampler
+    from mia_gen.models.factory import load_diffusion_denoiser, load_generator, train_model
 
     cfg = OmegaConf.create({**tiny_model_cfg(sample_every=0, steps=2),
                             "use_ema": True, "sampler": {"name": "ddim", "steps": 3, "eta": None}})

@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from mia_gen.errors import MiaGenError
-from models.ddpm_trainer import train_ddpm
-from models.defense import Defense
-from models.gan_trainer import train_gan
+from mia_gen.models.ddpm_trainer import train_ddpm
+from mia_gen.models.defense import Defense
+from mia_gen.models.gan_trainer import train_gan
 from test_ddpm_trainer import tiny_model_cfg
 from test_ddpm_trainer import tiny_members as ddpm_members
 from test_gan_trainer import assert_same_weights, tiny_cfg, tiny_members, tiny_models
@@ -42,7 +42,7 @@ def test_bad_defense_settings_say_what_is_allowed(cfg, message):
 def test_early_stopping_trains_the_undefended_model_for_fewer_steps():
     from omegaconf import OmegaConf
 
-    from models.defense import effective_training
+    from mia_gen.models.defense import effective_training
 
     model = OmegaConf.create({"name": "dcgan", "training": {"steps": 2000, "lr_g": 2e-4}})
     for defense, steps in (({"name": "early_stopping", "fraction": 0.25}, 500),
@@ -164,7 +164,7 @@ DP_SIGMA = Defense.from_config({"name": "dp_sgd", "target_epsilon": None, "noise
 
 
 def private_gan_models(init_seed=0):
-    from models.dcgan import DCGANDiscriminatorGroupNorm, DCGANGenerator
+    from mia_gen.models.dcgan import DCGANDiscriminatorGroupNorm, DCGANGenerator
 
     torch.manual_seed(init_seed)
     return DCGANGenerator(latent_dim=4, resolution=16, channels=1, base_channels=2), DCGANDiscriminatorGroupNorm(16, 1, 2)

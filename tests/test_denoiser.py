@@ -8,7 +8,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 from safetensors.torch import save_file
 
 from mia_gen.errors import MiaGenError, MissingAssetError
-from models.denoiser import Denoiser, load_denoiser
+from mia_gen.models.denoiser import Denoiser, load_denoiser
 
 TINY_UNET = dict(
     sample_size=16, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,

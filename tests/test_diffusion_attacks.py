@@ -15,10 +15,10 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torch import nn
 
-from attacks import AttackContext, build_attack
-from attacks.timesteps import ddim_step, denoiser_of, record_noise
+from mia_gen.attacks import AttackContext, build_attack
+from mia_gen.attacks.timesteps import ddim_step, denoiser_of, record_noise
 from mia_gen.errors import MiaGenError
-from models.memorizer import NoisyCopyGenerator
+from mia_gen.models.memorizer import NoisyCopyGenerator
 
 T = 1000
 SHAPE = (1, 8, 8)
@@ -371,8 +371,8 @@ def test_dropout_is_switched_off(records):
 
 
 def test_the_pipeline_denoiser_is_attacked_like_the_toy(unet, records):
-    """models.denoiser.Denoiser around the same UNet gives the same scores."""
-    from models.denoiser import Denoiser
+    """mia_gen.models.denoiser.Denoiser around the same UNet gives the same scores."""
+    from mia_gen.models.denoiser import Denoiser
 
     wrapped = Denoiser(unet.unet, ddpm_alphas_cumprod(), SHAPE)
     for name in ("pia", "secmi_stat"):

@@ -6,8 +6,8 @@ from diffusers import DDIMScheduler
 
 from mia_gen.errors import MiaGenError
 from mia_gen.sample_store import write_samples
-from models.denoiser import Denoiser
-from models.diffusion_sampling import DiffusionSampler, ddim_timesteps
+from mia_gen.models.denoiser import Denoiser
+from mia_gen.models.diffusion_sampling import DiffusionSampler, ddim_timesteps
 
 T = 1000
 ALPHAS = torch.cumprod(1 - torch.linspace(1e-4, 0.02, T, dtype=torch.float64), 0)

@@ -9,9 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import models.federated as federated
+import mia_gen.models.federated as federated
 from mia_gen.errors import MiaGenError
-from models.factory import load_generator, train_model
+from mia_gen.models.factory import load_generator, train_model
 from test_ddpm_trainer import tiny_model_cfg
 from test_pipeline import TINY_DCGAN, make_config
 

@@ -7,13 +7,13 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from attacks.base import AttackContext, build_attack
-from attacks.co_membership import train_encoder
-from attacks.latent_inversion import ReconstructionObjective, invert
+from mia_gen.attacks.base import AttackContext, build_attack
+from mia_gen.attacks.co_membership import train_encoder
+from mia_gen.attacks.latent_inversion import ReconstructionObjective, invert
 from mia_gen import latent_search
 from mia_gen.errors import MiaGenError
-from models.dcgan import DCGANDiscriminator, DCGANGenerator
-from models.memorizer import NoisyCopyGenerator
+from mia_gen.models.dcgan import DCGANDiscriminator, DCGANGenerator
+from mia_gen.models.memorizer import NoisyCopyGenerator
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

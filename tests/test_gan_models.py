@@ -9,10 +9,10 @@ from omegaconf import OmegaConf
 from hydra.utils import instantiate
 
 from mia_gen.errors import MiaGenError, MissingAssetError
-from models import dcgan, wgan_gp
-from models.checkpoint import load_module, save_module
-from models.dcgan import DCGANDiscriminator, DCGANGenerator
-from models.wgan_gp import WGANGPCritic, WGANGPGenerator
+from mia_gen.models import dcgan, wgan_gp
+from mia_gen.models.checkpoint import load_module, save_module
+from mia_gen.models.dcgan import DCGANDiscriminator, DCGANGenerator
+from mia_gen.models.wgan_gp import WGANGPCritic, WGANGPGenerator
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs" / "model"
 PAIRS = [(DCGANGenerator, DCGANDiscriminator), (WGANGPGenerator, WGANGPCritic)]
@@ -55,10 +55,10 @@ def test_wgan_critic_has_no_batchnorm_and_is_per_sample():
 def test_config_carries_target_and_kwargs():
     g = WGANGPGenerator(latent_dim=12, resolution=32, channels=3, base_channels=8)
     assert g.config == {
-        "_target_": "models.wgan_gp.WGANGPGenerator", "latent_dim": 12, "resolution": 32, "channels": 3, "base_channels": 8,
+        "_target_": "mia_gen.models.wgan_gp.WGANGPGenerator", "latent_dim": 12, "resolution": 32, "channels": 3, "base_channels": 8,
     }
     d = DCGANDiscriminator(resolution=64, channels=1, base_channels=4)
-    assert d.config == {"_target_": "models.dcgan.DCGANDiscriminator", "resolution": 64, "channels": 1, "base_channels": 4}
+    assert d.config == {"_target_": "mia_gen.models.dcgan.DCGANDiscriminator", "resolution": 64, "channels": 1, "base_channels": 4}
 
 
 @pytest.mark.parametrize("name", ["dcgan", "wgan_gp"])
@@ -162,7 +162,7 @@ def test_missing_checkpoint_says_train_first(tmp_path):
         load_module(tmp_path, "generator")
 
 
-@pytest.mark.parametrize("target", ["os.system", "torch.nn.Linear", "models.dcgan.nn.Linear", "models.dcgan.F"])
+@pytest.mark.parametrize("target", ["os.system", "torch.nn.Linear", "mia_gen.models.dcgan.nn.Linear", "mia_gen.models.dcgan.F"])
 def test_target_outside_models_package_is_refused(tmp_path, target):
     save_module(DCGANGenerator(base_channels=4), tmp_path, "generator")
     config = json.loads((tmp_path / "generator.json").read_text())

@@ -13,11 +13,11 @@ from omegaconf import OmegaConf
 
 from conftest import crash_on_checkpoint_move
 from mia_gen.errors import MiaGenError
-from models import gan_trainer
-from models.checkpoint import load_module
-from models.dcgan import DCGANDiscriminator, DCGANGenerator
-from models.gan_trainer import MemberBatches, train_gan
-from models.wgan_gp import WGANGPCritic, WGANGPGenerator
+from mia_gen.models import gan_trainer
+from mia_gen.models.checkpoint import load_module
+from mia_gen.models.dcgan import DCGANDiscriminator, DCGANGenerator
+from mia_gen.models.gan_trainer import MemberBatches, train_gan
+from mia_gen.models.wgan_gp import WGANGPCritic, WGANGPGenerator
 
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -15,10 +15,10 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-import mia_gen.pipeline as pipeline_module
-from experiments.common import CONFIG_DIR
+import mia_gen.experiments.pipeline as pipeline_module
+from mia_gen.experiments.common import CONFIG_DIR
 from mia_gen.errors import MiaGenError
-from mia_gen.pipeline import Pipeline
+from mia_gen.experiments.pipeline import Pipeline
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -281,7 +281,7 @@ def test_a_trained_model_or_a_sample_store_from_elsewhere_is_attacked_by_pointin
 
 def test_records_an_attack_learnt_from_are_not_evaluated_and_sweeps_are_plotted(tmp_path):
     """A learning attack that memorises its labelled subset must gain nothing from it."""
-    from attacks.base import ATTACKS, Access, Attack, AttackOutput
+    from mia_gen.attacks.base import ATTACKS, Access, Attack, AttackOutput
 
     class LabelEcho(Attack):
         name, access, needs_labelled_subset = "label_echo", Access.SAMPLES, True
@@ -369,7 +369,7 @@ def test_calibration_trains_a_reference_model_on_reference_records(tmp_path):
         "attack=[latent_inversion,calibration]", "attack.latent_inversion.lambda_lpips=0",
         "attack.latent_inversion.lambda_z=0", "attack.latent_inversion.iterations=3",
         "attack.calibration.params={lambda_lpips:0,lambda_z:0,iterations:3}",
-        "+attack.calibrated_fbb={_target_:attacks.calibration.Calibration,attack:sample_distance}",
+        "+attack.calibrated_fbb={_target_:mia_gen.attacks.calibration.Calibration,attack:sample_distance}",
     ]
     cfg = make_config(overrides, tmp_path / "cache")
     pipeline = Pipeline(cfg, tmp_path / "run")
@@ -450,7 +450,7 @@ def test_a_defense_is_part_of_the_models_identity_and_the_memorizer_refuses_one(
 
 def test_a_dp_trained_model_reports_the_epsilon_it_spent(tmp_path):
     overrides = TINY_DCGAN + ["defense=dp_sgd", "defense.target_epsilon=8.0", "attack=[sample_distance]",
-                              "model.discriminator._target_=models.dcgan.DCGANDiscriminatorGroupNorm"]
+                              "model.discriminator._target_=mia_gen.models.dcgan.DCGANDiscriminatorGroupNorm"]
     Pipeline(make_config(overrides, tmp_path / "cache"), tmp_path / "run").run()
     privacy = json.loads((tmp_path / "run" / "results.json").read_text())["metadata"]["privacy"]
     assert privacy["mechanism"] == "dp_sgd" and 7.0 <= privacy["epsilon"] <= 8.0
@@ -508,7 +508,7 @@ def test_a_longer_run_resumes_from_a_finished_shorter_one_bit_identically(tmp_pa
 
     Pipeline(make_config([*TINY_DCGAN, "model.training.steps=10"], tmp_path / "cache"), tmp_path / "a").run("train")
     longer = Pipeline(make_config(TINY_DCGAN, tmp_path / "cache"), tmp_path / "b")
-    with caplog.at_level("INFO", logger="mia_gen.pipeline"):
+    with caplog.at_level("INFO", logger="mia_gen.experiments.pipeline"):
         longer.run("train")
     assert "resuming from the finished 10-step run" in caplog.text
     fresh = Pipeline(make_config(TINY_DCGAN, tmp_path / "fresh"), tmp_path / "c")
@@ -541,7 +541,7 @@ def test_a_shard_overwritten_in_place_is_caught_rebuilt_in_the_cache_and_refused
     with pytest.raises(CorruptStoreError, match=f"shard 1 .*sha256.*Delete {first.sample_dir} and sample again"):
         Pipeline(make_config(ONE_ATTACK, tmp_path / "cache"), tmp_path / "cached").run()  # scores cached: read in metadata
     shutil.rmtree(tmp_path / "cache" / "scores")  # the attacks read the samples again
-    with caplog.at_level("WARNING", logger="mia_gen.pipeline"):
+    with caplog.at_level("WARNING", logger="mia_gen.experiments.pipeline"):
         Pipeline(make_config(ONE_ATTACK, tmp_path / "cache"), tmp_path / "rerun").run()
     assert "rebuilding the cached store" in caplog.text and "shard 1 file shard_00001.samples.npy" in caplog.text
     assert (tmp_path / "rerun" / "scores.csv").read_bytes() == expected

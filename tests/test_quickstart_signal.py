@@ -14,12 +14,12 @@ import torch
 from hydra import compose, initialize_config_dir
 from sklearn.metrics import roc_auc_score
 
-from attacks import AttackContext, build_attack
-from experiments.common import CONFIG_DIR
+from mia_gen.attacks import AttackContext, build_attack
+from mia_gen.experiments.common import CONFIG_DIR
 from mia_gen.device import resolve_device
-from mia_gen.pipeline import Pipeline
+from mia_gen.experiments.pipeline import Pipeline
 from mia_gen.sample_store import write_samples
-from models.factory import load_generator, train_model
+from mia_gen.models.factory import load_generator, train_model
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from mia_gen.errors import MiaGenError
 from mia_gen.metrics import evaluate_scores
-from mia_gen.report import (
+from mia_gen.experiments.report import (
     _histogram_figure,
     _neighbours_figure,
     _roc_figure,

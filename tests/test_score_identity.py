@@ -15,13 +15,13 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import attacks  # noqa: F401  (registers every attack)
+import mia_gen.attacks  # noqa: F401  (registers every attack)
 import mia_gen
-import mia_gen.pipeline as pipeline_module
-from attacks.base import ATTACKS, build_attack
-from attacks.sample_distance import SampleDistance
+import mia_gen.experiments.pipeline as pipeline_module
+from mia_gen.attacks.base import ATTACKS, build_attack
+from mia_gen.attacks.sample_distance import SampleDistance
 from mia_gen import provenance
-from mia_gen.pipeline import Pipeline
+from mia_gen.experiments.pipeline import Pipeline
 from mia_gen.provenance import CHECKOUT, package_version
 from test_pipeline import FAST, MEMORIZER, make_config
 

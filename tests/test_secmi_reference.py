@@ -23,9 +23,9 @@ import torch
 from hydra import compose, initialize_config_dir
 from scipy.stats import spearmanr
 
-from attacks import AttackContext, build_attack
-from experiments.common import CONFIG_DIR
-from mia_gen.pipeline import Pipeline
+from mia_gen.attacks import AttackContext, build_attack
+from mia_gen.experiments.common import CONFIG_DIR
+from mia_gen.experiments.pipeline import Pipeline
 
 TINY_UNET = dict(
     sample_size=16, in_channels=3, out_channels=3, block_out_channels=(16, 32), layers_per_block=1,
@@ -166,7 +166,7 @@ def test_default_pia_and_pian_are_the_reference_distance(cli_context, read_back,
 def test_resnet18_is_the_reference_cifar_resnet():
     """Duan et al.'s `resnet.ResNet18(num_channels=3, num_classes=1)`: 3x3 stride-1 first conv, no
     max-pool, 11,169,345 parameters (the CIFAR ResNet-18's 11,173,962 with one output instead of 10)."""
-    from attacks.secmi import ResNet18
+    from mia_gen.attacks.secmi import ResNet18
 
     net = ResNet18(3)
     assert sum(p.numel() for p in net.parameters()) == 11_173_962 - 9 * 513

@@ -7,7 +7,7 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from mia_gen.errors import MiaGenError
-from mia_gen.evaluation import evaluated_part, sign_mode
+from mia_gen.experiments.evaluation import evaluated_part, sign_mode
 
 
 def _entry(scores, info=None):

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from mia_gen.errors import MiaGenError
-from mia_gen.summary import main as summarize_main
-from mia_gen.summary import summarize
+from mia_gen.experiments.summary import main as summarize_main
+from mia_gen.experiments.summary import summarize
 from test_pipeline import run_cli
 
 TINY_GAN_LEAKS = [

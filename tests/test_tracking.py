@@ -14,7 +14,7 @@ from omegaconf import OmegaConf
 from wandb.proto import wandb_internal_pb2
 
 from mia_gen.errors import MiaGenError
-from mia_gen.tracking import NullTracker, flatten, make_tracker
+from mia_gen.experiments.tracking import NullTracker, flatten, make_tracker
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "logger"
 

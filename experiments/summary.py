@@ -429,7 +429,7 @@ def _sweep_logger(sweep_dir: Path) -> Any:
 
 
 def _log_to_wandb(sweep_dir: Path, rows: list[dict], paths: dict[str, Path], logger_cfg: Any) -> None:
-    from mia_gen.tracking import make_tracker
+    from mia_gen.experiments.tracking import make_tracker
 
     if logger_cfg == "auto":
         logger_cfg = _sweep_logger(sweep_dir)

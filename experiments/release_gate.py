@@ -255,7 +255,7 @@ def run_audit(cfg: DictConfig, run_dir: Path, config_dir: str) -> dict:
     and `warnings`; the returned one also `tracking_error` when W&B failed after the verdict was
     written (the verdict stands).
     """
-    from mia_gen.pipeline import Pipeline
+    from mia_gen.experiments.pipeline import Pipeline
 
     audit: Any = cfg.audit
     rule = str(audit.rule)

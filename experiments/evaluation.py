@@ -19,7 +19,7 @@ from mia_gen.blind_baseline import blind_baseline
 from mia_gen.errors import MiaGenError
 from mia_gen.groups import per_record_average
 from mia_gen.metrics import auc, calibrated_sign, evaluate_scores, group_auc, roc_points
-from mia_gen.report import (
+from mia_gen.experiments.report import (
     format_results_table,
     plot_group_auc,
     plot_nearest_neighbours,
@@ -28,7 +28,7 @@ from mia_gen.report import (
     plot_timestep_sweep,
     write_report,
 )
-from mia_gen.tracking import make_tracker
+from mia_gen.experiments.tracking import make_tracker
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import mia_gen
-from attacks.base import Access, Attack, AttackContext, AttackOutput, build_attack
+from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, build_attack
 from mia_gen.datasets import load_dataset
 from mia_gen.device import resolve_device
 from mia_gen.errors import CorruptStoreError, MiaGenError, MissingAssetError
@@ -31,9 +31,9 @@ from mia_gen.locks import exclusive
 from mia_gen.provenance import code_versions
 from mia_gen.sample_store import SampleStore, import_samples, write_samples
 from mia_gen.splits import load_or_make_split, membership_source
-from models.checkpoint import STATE_JSON
-from models.defense import Defense, effective_training
-from models.factory import load_diffusion_denoiser, load_discriminator, load_generator, train_model
+from mia_gen.models.checkpoint import STATE_JSON
+from mia_gen.models.defense import Defense, effective_training
+from mia_gen.models.factory import load_diffusion_denoiser, load_discriminator, load_generator, train_model
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ class Pipeline:
     @cached_property
     def trained_as(self) -> tuple[DictConfig, DictConfig]:
         """The (model, defense) configs the trainer runs: early stopping becomes the undefended model
-        trained for fewer steps (`models.defense.effective_training`)."""
+        trained for fewer steps (`mia_gen.models.defense.effective_training`)."""
         defense = self.cfg.get("defense")
         if self.cfg.model.get("checkpoint") and self.defense.name != "none":
             raise MiaGenError(
@@ -571,7 +571,7 @@ class Pipeline:
         if utility is not None:
             meta["utility"] = utility
         if self.synthetic_path is None and isinstance(self.model_dir, Path):
-            from models.privacy import read_privacy_report
+            from mia_gen.models.privacy import read_privacy_report
 
             privacy = read_privacy_report(self.model_dir)
             if privacy is not None:
@@ -584,7 +584,7 @@ class Pipeline:
 
     def evaluate(self, require_cached: bool = False, on_written=None) -> list[dict]:
         """Metrics and outputs of the scores; `on_written(results)` runs after the files, before W&B."""
-        from mia_gen.evaluation import write_outputs
+        from mia_gen.experiments.evaluation import write_outputs
 
         scored = self.attack(require_cached=require_cached)
         return write_outputs(self, scored, on_written=on_written)
@@ -599,6 +599,9 @@ class Pipeline:
             return self.sample()
         if stage == "attack":
             return self.attack()
+        from mia_gen.utility import UtilityConfig
+
+        UtilityConfig.from_config(self.cfg.get("utility"))  # a bad setting or missing [fid] extra stops before any work
         return self.evaluate()
 
 
