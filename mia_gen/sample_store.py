@@ -486,3 +486,89 @@ def import_samples(
 
     return write_samples(path, rows_of_shard, len(samples), shard_size=shard_size, seed=seed,
                          storage_dtype=storage_dtype, metadata=metadata, progress=progress)
+
+
+class InMemorySampleStore(SampleStore):
+    """Generated samples held in memory, read exactly like an on-disk `SampleStore`.
+
+    For samples that are already a tensor (a notebook, a synthetic dataset, a test): every attack
+    reads it through the same methods (`len`, `sample_shape`, `latent_dim`, `iter_chunks`, `get`,
+    `get_latents`), and the values it hands out equal those of a store written with the same
+    `storage_dtype` (`write_samples` / `import_samples`), bit for bit.
+
+    Args:
+        samples (`torch.Tensor` or `np.ndarray` of shape `(N, *sample_shape)`, N >= 1): images in
+            [-1, 1] (required for "uint8") or tabular rows.
+        latents (`(N, latent_dim)`, optional): the generator inputs z of the samples.
+        storage_dtype: "float32" keeps the values; "uint8" / "float16" round them as a store on disk does.
+        metadata: free-form, JSON-serialisable notes (a store's `metadata`).
+    """
+
+    def __init__(self, samples: Any, latents: Any = None, *, storage_dtype: str = "float32",
+                 metadata: dict[str, Any] | None = None):
+        samples = _as_float_tensor(samples, "samples")
+        if samples.ndim < 2 or len(samples) == 0:
+            raise MiaGenError(
+                f"samples must have shape (N, *sample_shape) with N >= 1, got {tuple(samples.shape)}; "
+                "a single sample needs a leading axis (x[None])."
+            )
+        if storage_dtype not in STORAGE_DTYPES:
+            raise MiaGenError(f"storage_dtype must be one of {STORAGE_DTYPES}, got {storage_dtype!r}.")
+        if not torch.isfinite(samples).all():
+            raise MiaGenError("samples hold non-finite values (NaN or inf); check the generator that made them.")
+        if storage_dtype == "uint8":
+            lo, hi = float(samples.min()), float(samples.max())
+            if lo < -1 - _IMAGE_RANGE_TOLERANCE or hi > 1 + _IMAGE_RANGE_TOLERANCE:
+                raise MiaGenError(
+                    f"storage_dtype='uint8' is for images in [-1, 1], but the samples lie in [{lo:.3g}, {hi:.3g}]; "
+                    "map them to [-1, 1] or keep storage_dtype='float32'."
+                )
+        arrays = {"samples": encode_samples(samples, storage_dtype)}
+        latent_dim = None
+        if latents is not None:
+            latents = _as_float_tensor(latents, "latents")
+            if latents.ndim != 2 or len(latents) != len(samples):
+                raise MiaGenError(
+                    f"latents must have shape (N, latent_dim) = ({len(samples)}, latent_dim), one row per "
+                    f"sample, got {tuple(latents.shape)}."
+                )
+            arrays["latents"] = latents.numpy().astype(np.float32)
+            latent_dim = int(latents.shape[1])
+        for array in arrays.values():
+            array.setflags(write=False)
+        manifest = {
+            "format": FORMAT, "version": FORMAT_VERSION, "n_samples": len(samples), "shard_size": len(samples),
+            "seed": None, "storage_dtype": storage_dtype, "metadata": to_plain(metadata or {}),
+            "sample_shape": list(samples.shape[1:]), "latent_dim": latent_dim, "complete": True,
+            "shards": [{"index": 0, "start": 0, "count": len(samples)}],
+        }
+        self._arrays = arrays
+        super().__init__(Path("<memory>"), manifest)
+
+    def __repr__(self) -> str:
+        return (f"InMemorySampleStore(n={len(self)}, sample_shape={self.sample_shape}, "
+                f"latent_dim={self.latent_dim}, storage_dtype={self.storage_dtype!r})")
+
+    @property
+    def seed(self) -> None:
+        """None: the samples were not drawn by `write_samples` from a seed."""
+        return None
+
+    def _array(self, shard_pos: int, kind: str) -> np.ndarray:
+        return self._arrays[kind]
+
+    def _check_shards(self, full: bool) -> None:
+        """Nothing to check: the arrays never left memory."""
+
+
+def _as_float_tensor(values: Any, what: str) -> torch.Tensor:
+    """A tensor or array as a float32 CPU tensor (a copy, so later edits of `values` do not leak in)."""
+    if isinstance(values, np.ndarray):
+        values = torch.from_numpy(np.asarray(values))
+    if not isinstance(values, torch.Tensor):
+        raise MiaGenError(f"{what} must be a torch.Tensor or a numpy array, got {type(values).__name__}.")
+    if values.is_complex() or values.dtype == torch.bool:
+        raise MiaGenError(f"{what} must hold real numbers, got dtype {values.dtype}.")
+    if values.dtype == torch.uint8:
+        raise MiaGenError(f"{what} are uint8; images are floats in [-1, 1] inside mia-gen: pass x / 127.5 - 1.")
+    return values.detach().to("cpu", torch.float32).clone()
