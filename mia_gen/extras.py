@@ -20,6 +20,7 @@ EXTRAS = {
     "faiss": ("faiss", "faiss-cpu"),
     "hydra_plugins.hydra_joblib_launcher": ("parallel", "hydra-joblib-launcher"),
     "hydra_plugins.hydra_submitit_launcher": ("slurm", "hydra-submitit-launcher"),
+    "xgboost": ("gsa", "xgboost"),
 }
 
 
