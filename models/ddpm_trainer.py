@@ -4,11 +4,7 @@ Checkpoint layout in `out_dir` — a diffusers `DDPMPipeline` directory plus tra
 
 - `model_index.json`, `unet/` (raw weights), `unet_ema/` (EMA weights: the ones attacks use),
   `scheduler/` (all through `save_pretrained`, safetensors + JSON);
-- `trainer_state.pt`: optimiser state, step, RNG states (tensors only; read with weights_only=True);
-- `trainer_state.json`: `{"step", "complete", "steps", "training_hash", "files"}` (`files`: size and
-  sha256 of every other file, verified before they are loaded). Each checkpoint is written whole in a
-  staging folder, then moved in (`mia_gen.models.checkpoint.save_checkpoint`), so a crash mid-write leaves
-  the previous checkpoint to resume from;
+- `trainer_state.{pt,json}` and the atomic, resumable checkpointing of `mia_gen.models.training_loop`;
 - `samples/step_XXXXXX.png`: DDIM grids (EMA weights) of a fixed set of 16 initial noises.
 
 All randomness (batch order, timesteps and noise, dropout) comes from generators seeded by
@@ -33,18 +29,17 @@ from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torchvision.utils import save_image
-from tqdm.auto import tqdm
 
 from mia_gen.device import resolve_device
 from mia_gen.errors import CorruptStoreError, MiaGenError
 from mia_gen.hashing import config_hash
-from mia_gen.models.checkpoint import (STATE_PT, atomic_replace, load_trainer_state, read_checkpoint_summary, retrain_hint,
-                               save_checkpoint, verify_checkpoint)
+from mia_gen.models.checkpoint import atomic_replace, retrain_hint
 from mia_gen.models.ddpm import build_scheduler, build_unet, diffusion_loss
 from mia_gen.models.defense import Defense
 from mia_gen.models.denoiser import PIPELINE_INDEX, UNET_WEIGHTS, Denoiser
 from mia_gen.models.diffusion_sampling import DiffusionSampler
-from mia_gen.models.gan_trainer import MemberBatches, training_config_with_keys, validate_members
+from mia_gen.models.gan_trainer import training_config_with_keys, validate_members
+from mia_gen.models.training_loop import MemberBatches, Plan, TrainingSteps, check_stop_after, run_training
 
 TRAINING_KEYS = (
     "steps", "batch_size", "optimizer", "lr", "adam_betas", "weight_decay", "warmup_steps", "grad_clip",
@@ -123,21 +118,6 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         ema_b.copy_(b)
 
 
-def _save_checkpoint(out_dir: Path, step: int, summary: dict, unets: dict, scheduler, optimizer, rngs: dict) -> None:
-    index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
-             "scheduler": ["diffusers", type(scheduler).__name__], "unet": ["diffusers", "UNet2DModel"]}
-    state = {"step": step, "optimizer": optimizer.state_dict(), **rngs}
-
-    def write(staging: Path) -> None:
-        for folder, unet in unets.items():
-            unet.save_pretrained(staging / folder, safe_serialization=True)
-        scheduler.save_pretrained(staging / "scheduler")
-        (staging / PIPELINE_INDEX).write_text(json.dumps(index, indent=2))
-        torch.save(state, staging / STATE_PT)
-
-    save_checkpoint(out_dir, write, {**summary, "step": step, "complete": step == summary["steps"]})
-
-
 def _load_unet_weights(out_dir: Path, folder: str, unet: torch.nn.Module) -> None:
     path = out_dir / folder / UNET_WEIGHTS
     try:
@@ -153,6 +133,95 @@ def _save_grid(unet, scheduler, noise: torch.Tensor, steps: int, path: Path) -> 
     images = sampler(noise).cpu() * 0.5 + 0.5  # Denoiser put unet in eval(): the caller restores train()
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_replace(path, lambda tmp: save_image(images, str(tmp), nrow=4, format="png"))
+
+
+class DDPMSteps(TrainingSteps):
+    """A DDPM for `mia_gen.models.training_loop.run_training`: one denoising-loss step, then the EMA update."""
+
+    desc = "train ddpm"
+    # trainer_state.json as this trainer has always written it
+    summary_keys = ("steps", "training_hash", "step", "complete")
+
+    def __init__(self, unet, scheduler, members: torch.Tensor, cfg: dict, defense: Defense, device: torch.device,
+                 grid_seed: int, noise_seed: int) -> None:
+        self.unet, self.scheduler, self.members, self.cfg = unet, scheduler, members, cfg
+        self.defense, self.device, self.noise_seed = defense, device, noise_seed
+        self.ema = copy.deepcopy(unet) if cfg["ema_decay"] is not None else None
+        self.unets = {"unet": unet, **({"unet_ema": self.ema} if self.ema is not None else {})}
+        self.grid_seed, self.loss = grid_seed, None
+
+    def load_weights(self, out_dir: Path) -> None:
+        for folder, module in self.unets.items():
+            _load_unet_weights(out_dir, folder, module)
+
+    def start(self) -> None:
+        cfg, unet = self.cfg, self.unet
+        self.grid_noise = torch.randn(GRID_SIZE, unet.config.in_channels * unet.config.sample_size ** 2,
+                                      generator=torch.Generator().manual_seed(self.grid_seed))
+        for module in self.unets.values():
+            module.to(self.device)
+        self.optimizer = self.defense.optimizer(unet.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
+                                                base=OPTIMIZERS[cfg["optimizer"]], weight_decay=cfg["weight_decay"])
+        if self.defense.name == "dp_sgd":
+            from mia_gen.models.privacy import PrivateTraining
+
+            self.private = PrivateTraining(unet, self.optimizer, self.defense, self.members.shape[0],
+                                           cfg["batch_size"], cfg["steps"], self.noise_seed + 1, "UNet")
+        unet.train()
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {"optimizer": self.optimizer}
+
+    def step(self, step: int, batches: MemberBatches, rng: torch.Generator) -> dict[str, torch.Tensor | None]:
+        cfg, unet, scheduler, private, device = self.cfg, self.unet, self.scheduler, self.private, self.device
+        if private is None:
+            x0 = self.members[batches.next_indices()]
+        else:  # Poisson sampling, as the accountant assumes
+            x0 = self.members[private.poisson_indices(self.members.shape[0], rng)]
+        if cfg["hflip"]:  # the CIFAR-10 protocol of DDPM / SecMI / PIA
+            flip = torch.rand(x0.shape[0], generator=rng) < 0.5
+            x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
+        x0 = self.defense.augment(x0, rng)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=rng)
+        noise = torch.randn(x0.shape, generator=rng)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        if private is None:
+            loss = diffusion_loss(unet, scheduler, x0.to(device), t.to(device), noise.to(device))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg["grad_clip"] is not None:
+                torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg["grad_clip"])
+            self.optimizer.step()
+            self.loss = loss
+        elif len(x0):  # per-sample clipping to max_grad_norm replaces grad_clip (an empty draw: no step)
+            loss = diffusion_loss(private.module, scheduler, x0.to(device), t.to(device), noise.to(device),
+                                  per_sample_sum=True)
+            private.optimizer.zero_grad(set_to_none=True)
+            private.backward(loss)
+            private.optimizer.step()
+            self.loss = loss.detach() / len(x0)
+        if self.ema is not None:
+            ema_update(self.ema, unet, cfg["ema_decay"])
+        return {"loss": self.loss}  # the last step's loss after an empty draw
+
+    def sample_grid(self, path: Path) -> None:
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            _save_grid(self.ema if self.ema is not None else self.unet, self.scheduler, self.grid_noise,
+                       self.cfg["sample_steps"], path)
+        self.unet.train()
+
+    def write_weights(self, folder: Path) -> None:
+        index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
+                 "scheduler": ["diffusers", type(self.scheduler).__name__], "unet": ["diffusers", "UNet2DModel"]}
+        for name, unet in self.unets.items():
+            unet.save_pretrained(folder / name, safe_serialization=True)
+        self.scheduler.save_pretrained(folder / "scheduler")
+        (folder / PIPELINE_INDEX).write_text(json.dumps(index, indent=2))
+
+    def result(self) -> Denoiser:
+        return Denoiser.from_unet((self.ema if self.ema is not None else self.unet).to(self.device),
+                                  self.scheduler).eval()
 
 
 def train_ddpm(
@@ -179,8 +248,7 @@ def train_ddpm(
     defense = defense or Defense()
     if defense.name != "none":  # part of the checkpoint's identity: resuming under another defense fails
         cfg["defense"] = defense.to_dict()
-    if stop_after is not None and (not _is_int(stop_after) or stop_after < 1):
-        raise MiaGenError(f"stop_after must be a positive number of steps or None, got {stop_after!r}.")
+    check_stop_after(stop_after)
     scheduler = build_scheduler(model)
     init_seed, batch_seed, noise_seed, dropout_seed, grid_seed = _seeds(cfg["seed"])
     with torch.random.fork_rng(devices=[]):
@@ -189,118 +257,9 @@ def train_ddpm(
     shape = SimpleNamespace(channels=unet.config.in_channels, resolution=unet.config.sample_size)
     members = validate_members(members, shape, shape)
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = cfg["steps"] if stop_after is None else min(cfg["steps"], stop_after)
-    summary = {"steps": cfg["steps"], "training_hash": _training_hash(model, cfg)}
-    use_ema = cfg["ema_decay"] is not None
-    ema = copy.deepcopy(unet) if use_ema else None
-    unets = {"unet": unet, **({"unet_ema": ema} if use_ema else {})}
-
-    start = 0
-    saved = read_checkpoint_summary(out_dir)
-    if saved is not None:
-        start = saved["step"]
-        if saved.get("training_hash") != summary["training_hash"]:
-            raise MiaGenError(
-                f"{out_dir} holds a run with another model or other training settings (only "
-                f"{list(RESUMABLE_KEYS)} may change when resuming); use a fresh output directory or delete this one."
-            )
-        if start > cfg["steps"]:
-            raise MiaGenError(
-                f"{out_dir} holds a run already trained for {start} steps, more than training.steps={cfg['steps']}; "
-                f"set training.steps>={start} or use a fresh output directory."
-            )
-        verify_checkpoint(out_dir, saved, with_trainer_state=start < target)
-        for folder, module in unets.items():
-            _load_unet_weights(out_dir, folder, module)
-
-    def finished() -> Denoiser:
-        return Denoiser.from_unet((ema if use_ema else unet).to(device), scheduler).eval()
-
-    if start >= target:
-        return finished()
-
-    batches = MemberBatches(members.shape[0], cfg["batch_size"], batch_seed)
-    noise_rng = torch.Generator().manual_seed(noise_seed)
-    grid_noise = torch.randn(GRID_SIZE, unet.config.in_channels * unet.config.sample_size ** 2,
-                             generator=torch.Generator().manual_seed(grid_seed))
-    for module in unets.values():
-        module.to(device)
-    optimizer = defense.optimizer(unet.parameters(), lr=cfg["lr"], betas=tuple(cfg["adam_betas"]),
-                                  base=OPTIMIZERS[cfg["optimizer"]], weight_decay=cfg["weight_decay"])
-    private = None
-    if defense.name == "dp_sgd":
-        from mia_gen.models.privacy import PrivateTraining
-
-        private = PrivateTraining(unet, optimizer, defense, members.shape[0], cfg["batch_size"], cfg["steps"],
-                                  noise_seed + 1, "UNet")
-    cuda = device.type == "cuda"
-    with torch.random.fork_rng(devices=[device] if cuda else []):
-        torch.default_generator.manual_seed(dropout_seed)
-        if cuda:
-            with torch.cuda.device(device):
-                torch.cuda.manual_seed(dropout_seed)
-        if start:
-            state = load_trainer_state(out_dir, start)
-            optimizer.load_state_dict(state["optimizer"])
-            batches.load_state_dict(state["batches"])
-            noise_rng.set_state(state["noise_rng"])
-            torch.set_rng_state(state["torch_rng"])
-            if private is not None:
-                private.load_state_dict(state["private"])
-            if cuda and "cuda_rng" in state:
-                torch.cuda.set_rng_state(state["cuda_rng"], device)
-
-        unet.train()
-        T = scheduler.config.num_train_timesteps
-        bar = tqdm(total=cfg["steps"], initial=start, disable=not progress, desc="train ddpm")
-        for step in range(start + 1, target + 1):
-            if private is None:
-                x0 = members[batches.next_indices()]
-            else:  # Poisson sampling, as the accountant assumes
-                x0 = members[private.poisson_indices(members.shape[0], noise_rng)]
-            if cfg["hflip"]:  # the CIFAR-10 protocol of DDPM / SecMI / PIA
-                flip = torch.rand(x0.shape[0], generator=noise_rng) < 0.5
-                x0 = torch.where(flip.view(-1, 1, 1, 1), x0.flip(-1), x0)
-            x0 = defense.augment(x0, noise_rng)
-            t = torch.randint(0, T, (x0.shape[0],), generator=noise_rng)
-            noise = torch.randn(x0.shape, generator=noise_rng)
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, cfg)
-            if private is None:
-                loss = diffusion_loss(unet, scheduler, x0.to(device), t.to(device), noise.to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if cfg["grad_clip"] is not None:
-                    torch.nn.utils.clip_grad_norm_(unet.parameters(), cfg["grad_clip"])
-                optimizer.step()
-            elif len(x0):  # per-sample clipping to max_grad_norm replaces grad_clip (an empty draw: no step)
-                loss = diffusion_loss(private.module, scheduler, x0.to(device), t.to(device), noise.to(device),
-                                      per_sample_sum=True)
-                private.optimizer.zero_grad(set_to_none=True)
-                private.backward(loss)
-                private.optimizer.step()
-                loss = loss.detach() / len(x0)
-            if use_ema:
-                ema_update(ema, unet, cfg["ema_decay"])
-
-            bar.update(1)
-            if progress and (step % 10 == 0 or step == target):
-                bar.set_postfix(loss=f"{loss.item():.4f}")
-            if cfg["sample_every"] and step % cfg["sample_every"] == 0:
-                with torch.random.fork_rng(devices=[device] if cuda else []):
-                    _save_grid(ema if use_ema else unet, scheduler, grid_noise, cfg["sample_steps"],
-                               out_dir / "samples" / f"step_{step:06d}.png")
-                unet.train()
-            if (cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0) or step == target:
-                rngs = {"batches": batches.state_dict(), "noise_rng": noise_rng.get_state(),
-                        "torch_rng": torch.get_rng_state()}
-                if cuda:
-                    rngs["cuda_rng"] = torch.cuda.get_rng_state(device)
-                if private is not None:
-                    rngs["private"] = private.state_dict()
-                    private.write_report(out_dir, step)
-                _save_checkpoint(out_dir, step, summary, unets, scheduler, optimizer, rngs)
-        bar.close()
-    return finished()
+    plan = Plan(steps=cfg["steps"], checkpoint_every=cfg["checkpoint_every"], sample_every=cfg["sample_every"],
+                training_hash=_training_hash(model, cfg), resumable_keys=RESUMABLE_KEYS, n_members=members.shape[0],
+                batch_size=cfg["batch_size"], batch_seed=batch_seed, noise_seed=noise_seed, stop_after=stop_after,
+                dropout_seed=dropout_seed, what_differs="another model or other training settings")
+    steps = DDPMSteps(unet, scheduler, members, cfg, defense, device, grid_seed, noise_seed)
+    return run_training(steps, plan, out_dir, device, progress)

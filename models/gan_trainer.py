@@ -6,11 +6,7 @@ a fresh batch of members (Gulrajani et al., 2017, Algorithm 1).
 Checkpoint layout in `out_dir`:
 
 - `generator.{safetensors,json}`, `discriminator.{safetensors,json}` (`mia_gen.models.checkpoint.save_module`);
-- `trainer_state.pt`: optimiser states, step, RNG states (tensors only; read with weights_only=True);
-- `trainer_state.json`: `{"step", "complete", "steps", "training_hash", "files"}` (`files`: size and
-  sha256 of every other file, verified before they are loaded). Each checkpoint is written whole in a
-  staging folder, then moved in (`mia_gen.models.checkpoint.save_checkpoint`), so a crash mid-write leaves
-  the previous checkpoint to resume from;
+- `trainer_state.{pt,json}` and the atomic, resumable checkpointing of `mia_gen.models.training_loop`;
 - `samples/step_XXXXXX.png`: grids of a fixed set of 64 latent codes.
 
 All randomness of training (batch order, latent codes, penalty interpolation) comes from CPU
@@ -29,15 +25,14 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from torchvision.utils import save_image
-from tqdm.auto import tqdm
 
 from mia_gen.device import resolve_device
 from mia_gen.errors import MiaGenError
 from mia_gen.hashing import config_hash
 from mia_gen.models import dcgan, wgan_gp
-from mia_gen.models.checkpoint import (STATE_PT, atomic_replace, load_module, load_trainer_state, read_checkpoint_summary,
-                               save_checkpoint, save_module, verify_checkpoint)
+from mia_gen.models.checkpoint import atomic_replace, load_module, save_module
 from mia_gen.models.defense import Defense
+from mia_gen.models.training_loop import MemberBatches, Plan, TrainingSteps, check_stop_after, run_training
 
 TRAINING_KEYS = (
     "loss", "steps", "batch_size", "lr_g", "lr_d", "betas", "n_critic",
@@ -61,37 +56,6 @@ OBJECTIVES = {
     "dcgan": Objective(dcgan.discriminator_loss, dcgan.generator_loss, gradient_penalty=False),
     "wgan_gp": Objective(wgan_gp.critic_loss, wgan_gp.generator_loss, gradient_penalty=True),
 }
-
-
-class MemberBatches:
-    """Endless stream of member indices: concatenated random permutations (epochs) from a seeded generator.
-
-    A batch may span two epochs; its state (generator state, current order, cursor) is checkpointable.
-    """
-
-    def __init__(self, n_members: int, batch_size: int, seed: int) -> None:
-        self.n_members, self.batch_size = n_members, batch_size
-        self.rng = torch.Generator().manual_seed(seed)
-        self.order = torch.randperm(n_members, generator=self.rng)
-        self.cursor = 0
-
-    def next_indices(self) -> torch.Tensor:
-        """Indices `(batch_size,)` int64 into the members."""
-        parts, needed = [], self.batch_size
-        while needed:
-            if self.cursor == self.n_members:
-                self.order, self.cursor = torch.randperm(self.n_members, generator=self.rng), 0
-            take = min(needed, self.n_members - self.cursor)
-            parts.append(self.order[self.cursor : self.cursor + take])
-            self.cursor, needed = self.cursor + take, needed - take
-        return torch.cat(parts)
-
-    def state_dict(self) -> dict:
-        return {"rng": self.rng.get_state(), "order": self.order.clone(), "cursor": self.cursor}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.rng.set_state(state["rng"])
-        self.order, self.cursor = state["order"].clone(), int(state["cursor"])
 
 
 def training_config_with_keys(training_cfg: Any, keys: Sequence[str], example: str) -> dict:
@@ -176,21 +140,6 @@ def _seeds(seed: int) -> tuple[int, int, int]:
     return int(batch_seed), int(noise_seed), int(grid_seed)
 
 
-def _save_checkpoint(out_dir: Path, step: int, cfg: dict, modules: dict, optimizers: dict, rngs: dict) -> None:
-    state = {"step": step, "torch_rng": torch.get_rng_state(), **rngs}
-    state.update({f"optimizer_{name}": opt.state_dict() for name, opt in optimizers.items()})
-    if torch.cuda.is_available():
-        state["cuda_rng"] = torch.cuda.get_rng_state_all()
-
-    def write(folder: Path) -> None:
-        for name, module in modules.items():
-            save_module(module, folder, name)
-        torch.save(state, folder / STATE_PT)
-
-    summary = {"step": step, "complete": step == cfg["steps"], "steps": cfg["steps"], "training_hash": _training_hash(cfg)}
-    save_checkpoint(out_dir, write, summary)
-
-
 def _load_weights(out_dir: Path, modules: dict) -> None:
     for name, module in modules.items():
         saved = load_module(out_dir, name)
@@ -229,6 +178,97 @@ def private_discriminator_step(private, generator: nn.Module, members: torch.Ten
     return loss.detach() / len(logits)
 
 
+class GANSteps(TrainingSteps):
+    """A GAN for `mia_gen.models.training_loop.run_training`: `n_critic` discriminator steps, then one generator step."""
+
+    loss_format = ".3f"
+    # trainer_state.pt as this trainer has always written it
+    state_keys = ("step", "torch_rng", "batches", "noise_rng", "private", "optimizers", "cuda_rng")
+
+    def __init__(self, generator: nn.Module, discriminator: nn.Module, members: torch.Tensor, cfg: dict,
+                 defense: Defense, device: torch.device, grid_seed: int, noise_seed: int) -> None:
+        self.generator, self.discriminator, self.members = generator, discriminator, members
+        self.cfg, self.defense, self.device, self.noise_seed = cfg, defense, device, noise_seed
+        self.modules = {"generator": generator, "discriminator": discriminator}
+        self.objective = OBJECTIVES[cfg["loss"]]
+        self.desc, self.private_steps_per_step = f"train {cfg['loss']}", cfg["n_critic"]
+        self.grid_z = generator.sample_latent(GRID_SIZE, torch.Generator().manual_seed(grid_seed)).to(device)
+
+    def load_weights(self, out_dir: Path) -> None:
+        _load_weights(out_dir, self.modules)
+
+    def start(self) -> None:
+        cfg = self.cfg
+        self.generator.to(self.device).train()
+        self.discriminator.to(self.device).train()
+        self._optimizers = {
+            name: self.defense.optimizer(module.parameters(), lr=cfg[lr], betas=tuple(cfg["betas"]))
+            for name, module, lr in (("generator", self.generator, "lr_g"), ("discriminator", self.discriminator, "lr_d"))
+        }
+        if self.defense.name == "dp_sgd":
+            if cfg["loss"] != "dcgan":
+                raise MiaGenError(
+                    "defense=dp_sgd trains the discriminator with per-sample gradients, which the WGAN-GP gradient "
+                    "penalty (a gradient of a gradient) does not have in Opacus; use model.training.loss=dcgan."
+                )
+            from mia_gen.models.privacy import PrivateTraining
+
+            self.private = PrivateTraining(self.discriminator, self._optimizers["discriminator"], self.defense,
+                                           self.members.shape[0], cfg["batch_size"], cfg["steps"] * cfg["n_critic"],
+                                           self.noise_seed + 1, "discriminator",
+                                           expected_batch_size=2 * cfg["batch_size"])
+
+    def optimizers(self) -> dict[str, torch.optim.Optimizer]:
+        return {f"optimizer_{name}": optimizer for name, optimizer in self._optimizers.items()}
+
+    def step(self, step: int, batches: MemberBatches, rng: torch.Generator) -> dict[str, torch.Tensor]:
+        generator, discriminator, defense, private = self.generator, self.discriminator, self.defense, self.private
+        batch_size, device, objective = self.cfg["batch_size"], self.device, self.objective
+        for _ in range(self.cfg["n_critic"]):
+            if private is not None:
+                d_loss = private_discriminator_step(private, generator, self.members, defense, rng, batch_size, device)
+                continue
+            real = defense.augment(self.members[batches.next_indices()], rng).to(device)
+            with torch.no_grad():
+                fake = generator(generator.sample_latent(batch_size, rng).to(device))
+            if defense.augment_fakes:  # DiffAugment: D judges real and generated batches alike
+                fake = defense.augment(fake, rng)
+            d_loss = objective.discriminator_loss(discriminator(real), discriminator(fake))
+            if objective.gradient_penalty:
+                d_loss = d_loss + self.cfg["gp_weight"] * wgan_gp.gradient_penalty(discriminator, real, fake, rng)
+            self._optimizers["discriminator"].zero_grad(set_to_none=True)
+            d_loss.backward()
+            self._optimizers["discriminator"].step()
+
+        discriminator.requires_grad_(False)  # the generator step needs gradients w.r.t. G only
+        if private is not None:
+            private.module.disable_hooks()  # no per-sample gradients for D in G's step
+        fake = generator(generator.sample_latent(batch_size, rng).to(device))
+        if defense.augment_fakes:  # differentiable: G learns through the same transforms
+            fake = defense.augment(fake, rng)
+        g_loss = objective.generator_loss(discriminator(fake))
+        self._optimizers["generator"].zero_grad(set_to_none=True)
+        g_loss.backward()
+        self._optimizers["generator"].step()
+        discriminator.requires_grad_(True)
+        if private is not None:
+            private.module.enable_hooks()
+        return {"d_loss": d_loss, "g_loss": g_loss}
+
+    def sample_grid(self, path: Path) -> None:
+        _save_grid(self.generator, self.grid_z, path)
+
+    def write_weights(self, folder: Path) -> None:
+        for name, module in self.modules.items():
+            save_module(module, folder, name)
+
+    def close(self) -> None:
+        self.discriminator.eval()
+
+    def result(self) -> nn.Module:
+        return self.generator.to(self.device).eval()
+
+
 def train_gan(
     generator: nn.Module,
     discriminator: nn.Module,
@@ -254,114 +294,12 @@ def train_gan(
     defense = defense or Defense()
     if defense.name != "none":  # part of the checkpoint's identity: resuming under another defense fails
         cfg["defense"] = defense.to_dict()
-    if stop_after is not None and (isinstance(stop_after, bool) or not isinstance(stop_after, int) or stop_after < 1):
-        raise MiaGenError(f"stop_after must be a positive number of steps or None, got {stop_after!r}.")
+    check_stop_after(stop_after)
     members = validate_members(members, generator, discriminator)
     device = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = cfg["steps"] if stop_after is None else min(cfg["steps"], stop_after)
-
-    modules = {"generator": generator, "discriminator": discriminator}
     batch_seed, noise_seed, grid_seed = _seeds(cfg["seed"])
-    batches = MemberBatches(members.shape[0], cfg["batch_size"], batch_seed)
-    noise_rng = torch.Generator().manual_seed(noise_seed)
-    grid_z = generator.sample_latent(GRID_SIZE, torch.Generator().manual_seed(grid_seed)).to(device)
-
-    start = 0
-    summary = read_checkpoint_summary(out_dir)
-    if summary is not None:
-        start = summary["step"]
-        if summary.get("training_hash") != _training_hash(cfg):
-            raise MiaGenError(
-                f"{out_dir} holds a run with other training settings (only {list(RESUMABLE_KEYS)} may change "
-                "when resuming); use a fresh output directory or delete this one."
-            )
-        if start > cfg["steps"]:
-            raise MiaGenError(
-                f"{out_dir} holds a run already trained for {start} steps, more than training.steps="
-                f"{cfg['steps']}; set training.steps>={start} or use a fresh output directory."
-            )
-        verify_checkpoint(out_dir, summary, with_trainer_state=start < target)
-        _load_weights(out_dir, modules)
-        if start >= target:
-            return generator.to(device).eval()
-
-    generator.to(device).train()
-    discriminator.to(device).train()
-    optimizers = {
-        "generator": defense.optimizer(generator.parameters(), lr=cfg["lr_g"], betas=tuple(cfg["betas"])),
-        "discriminator": defense.optimizer(discriminator.parameters(), lr=cfg["lr_d"], betas=tuple(cfg["betas"])),
-    }
-    private = None
-    if defense.name == "dp_sgd":
-        if cfg["loss"] != "dcgan":
-            raise MiaGenError(
-                "defense=dp_sgd trains the discriminator with per-sample gradients, which the WGAN-GP gradient "
-                "penalty (a gradient of a gradient) does not have in Opacus; use model.training.loss=dcgan."
-            )
-        from mia_gen.models.privacy import PrivateTraining
-
-        private = PrivateTraining(discriminator, optimizers["discriminator"], defense, members.shape[0],
-                                  cfg["batch_size"], cfg["steps"] * cfg["n_critic"], noise_seed + 1,
-                                  "discriminator", expected_batch_size=2 * cfg["batch_size"])
-    if start:
-        state = load_trainer_state(out_dir, start)
-        for name, opt in optimizers.items():
-            opt.load_state_dict(state[f"optimizer_{name}"])
-        batches.load_state_dict(state["batches"])
-        noise_rng.set_state(state["noise_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        if private is not None:
-            private.load_state_dict(state["private"])
-        if "cuda_rng" in state and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-
-    objective = OBJECTIVES[cfg["loss"]]
-    batch_size = cfg["batch_size"]
-    bar = tqdm(total=cfg["steps"], initial=start, disable=not progress, desc=f"train {cfg['loss']}")
-    for step in range(start + 1, target + 1):
-        for _ in range(cfg["n_critic"]):
-            if private is not None:
-                d_loss = private_discriminator_step(private, generator, members, defense, noise_rng, batch_size, device)
-                continue
-            real = defense.augment(members[batches.next_indices()], noise_rng).to(device)
-            with torch.no_grad():
-                fake = generator(generator.sample_latent(batch_size, noise_rng).to(device))
-            if defense.augment_fakes:  # DiffAugment: D judges real and generated batches alike
-                fake = defense.augment(fake, noise_rng)
-            d_loss = objective.discriminator_loss(discriminator(real), discriminator(fake))
-            if objective.gradient_penalty:
-                d_loss = d_loss + cfg["gp_weight"] * wgan_gp.gradient_penalty(discriminator, real, fake, noise_rng)
-            optimizers["discriminator"].zero_grad(set_to_none=True)
-            d_loss.backward()
-            optimizers["discriminator"].step()
-
-        discriminator.requires_grad_(False)  # the generator step needs gradients w.r.t. G only
-        if private is not None:
-            private.module.disable_hooks()  # no per-sample gradients for D in G's step
-        fake = generator(generator.sample_latent(batch_size, noise_rng).to(device))
-        if defense.augment_fakes:  # differentiable: G learns through the same transforms
-            fake = defense.augment(fake, noise_rng)
-        g_loss = objective.generator_loss(discriminator(fake))
-        optimizers["generator"].zero_grad(set_to_none=True)
-        g_loss.backward()
-        optimizers["generator"].step()
-        discriminator.requires_grad_(True)
-        if private is not None:
-            private.module.enable_hooks()
-
-        bar.update(1)
-        if progress and (step % 10 == 0 or step == target):
-            bar.set_postfix(d_loss=f"{d_loss.item():.3f}", g_loss=f"{g_loss.item():.3f}")
-        if cfg["sample_every"] and step % cfg["sample_every"] == 0:
-            _save_grid(generator, grid_z, out_dir / "samples" / f"step_{step:06d}.png")
-        if (cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0) or step == target:
-            rngs = {"batches": batches.state_dict(), "noise_rng": noise_rng.get_state()}
-            if private is not None:
-                rngs["private"] = private.state_dict()
-                private.write_report(out_dir, step * cfg["n_critic"])
-            _save_checkpoint(out_dir, step, cfg, modules, optimizers, rngs)
-    bar.close()
-    discriminator.eval()
-    return generator.eval()
+    plan = Plan(steps=cfg["steps"], checkpoint_every=cfg["checkpoint_every"], sample_every=cfg["sample_every"],
+                training_hash=_training_hash(cfg), resumable_keys=RESUMABLE_KEYS, n_members=members.shape[0],
+                batch_size=cfg["batch_size"], batch_seed=batch_seed, noise_seed=noise_seed, stop_after=stop_after)
+    steps = GANSteps(generator, discriminator, members, cfg, defense, device, grid_seed, noise_seed)
+    return run_training(steps, plan, out_dir, device, progress)
