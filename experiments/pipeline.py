@@ -72,6 +72,15 @@ class Pipeline:
         return load_dataset(self.cfg.data)
 
     @cached_property
+    def data_key(self) -> dict:
+        """`data.*` as the model keys hash it. `data.captions` counts only when set (the records'
+        fingerprint covers the captions they carry), so keys from before captions existed still hold."""
+        data = OmegaConf.to_container(self.cfg.data, resolve=True)
+        if data.get("captions") in (None, False):
+            data.pop("captions", None)
+        return data
+
+    @cached_property
     def split(self):
         split = load_or_make_split(self.cfg.split, self.records)
         if self.external_target is not None and membership_source(self.cfg.split) is None:
@@ -119,7 +128,7 @@ class Pipeline:
         folder's images are converted to the data's channels and size (`load_dataset` logs the conversion)."""
         need = self.records.record_shape
         if self.synthetic_path.is_dir():
-            spec = {"name": "image_folder", "root": str(self.synthetic_path)}
+            spec = {"name": "image_folder", "root": str(self.synthetic_path), "captions": False}
             if self.records.kind == "image":
                 spec.update(channels=need[0], resolution=need[-1])
         else:
@@ -163,7 +172,7 @@ class Pipeline:
             return config_hash({"checkpoint": files_fingerprint(files), "model": loading})
         model, defense = self.trained_as
         return config_hash({
-            "data": self.cfg.data, "fingerprint": self.records.fingerprint, "split": self.split_key,
+            "data": self.data_key, "fingerprint": self.records.fingerprint, "split": self.split_key,
             "model": model, "defense": defense,
         })
 
@@ -196,7 +205,7 @@ class Pipeline:
         model = OmegaConf.to_container(model, resolve=True)
         for key in ("steps", "checkpoint_every", "sample_every"):
             model["training"].pop(key, None)
-        return config_hash({"data": self.cfg.data, "fingerprint": self.records.fingerprint,
+        return config_hash({"data": self.data_key, "fingerprint": self.records.fingerprint,
                             "training_ids": self.training_ids.tolist(), "model": model, "defense": defense})
 
     def start_from_shorter_run(self) -> None:
@@ -666,7 +675,7 @@ class ReferencePipeline(Pipeline):
             return config_hash({"reference_checkpoint": files_fingerprint(files)})
         model, defense = self.trained_as
         return config_hash({
-            "data": self.cfg.data, "fingerprint": self.records.fingerprint,
+            "data": self.data_key, "fingerprint": self.records.fingerprint,
             "reference_records": self.training_ids.tolist(), "model": model, "defense": defense,
         })
 

@@ -9,13 +9,20 @@
 The record index of a `RecordSet` is the index used by split files (`mia_gen.splits`), so
 every loader keeps the dataset's own order (torchvision's order; `ImageFolder`'s sorted order;
 the row order of an array file), and `max_records` keeps the first N of that order.
+
+Records may carry a caption each (`RecordSet.captions`), the condition of a text-conditioned
+model: an image folder's Hugging Face `metadata.jsonl` / `metadata.csv` (`file_name`, `text`) or
+`data.captions=<file.csv>`, and for digits `data.captions=true` ("a handwritten digit k").
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import logging
 import os
+import posixpath
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,12 +45,12 @@ DATASET_NAMES = ("digits", *TORCHVISION_DATASETS, "image_folder", "array")
 
 # Which config keys mean something for which dataset; `name` is always allowed.
 _KEYS = {
-    "digits": {"resolution", "channels", "max_records"},
+    "digits": {"resolution", "channels", "max_records", "captions"},
     "mnist": {"resolution", "channels", "root", "subset", "download", "max_records"},
     "fashion_mnist": {"resolution", "channels", "root", "subset", "download", "max_records"},
     "cifar10": {"resolution", "channels", "root", "subset", "download", "max_records"},
     "celeba": {"resolution", "channels", "root", "subset", "download", "max_records"},
-    "image_folder": {"resolution", "channels", "root", "max_records"},
+    "image_folder": {"resolution", "channels", "root", "max_records", "captions"},
     "array": {"path", "value_range", "resolution", "channels", "max_records"},
 }
 _ALL_KEYS = {"name"}.union(*_KEYS.values())
@@ -71,6 +78,15 @@ _LUMA = (0.299, 0.587, 0.114)
 # Float images may overshoot their declared range by rounding (e.g. float16 samples).
 _RANGE_TOLERANCE = 1e-3
 
+# The caption of a digit record under `data.captions=true`.
+DIGIT_CAPTION = "a handwritten digit {label}"
+
+# Hugging Face's imagefolder caption files, looked for in data.root and in each class sub-folder.
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")
+
+# How many file names an error message lists.
+_SHOW = 5
+
 
 @dataclass
 class RecordSet:
@@ -81,11 +97,17 @@ class RecordSet:
         kind: `"image"` or `"tabular"`.
         data: images as `uint8` `torch.Tensor` of shape `(N, C, H, W)`, C in {1, 3};
             tabular records as `float32` `torch.Tensor` of shape `(N, D)`.
-        fingerprint: sha256 of the stored array (`mia_gen.hashing.array_fingerprint`), which
-            split files record so that a split is never applied to different data.
+        fingerprint: sha256 of the stored array (`mia_gen.hashing.array_fingerprint`), and of the
+            captions when there are any, which split files record so that a split is never applied
+            to different data.
         labels: class labels `(N,)` int64 where the dataset has them (digits, MNIST, Fashion-MNIST,
-            CIFAR-10, an ImageFolder's sub-folders), else None. No attack sees them; the offline
-            utility metric trains its feature classifier on them (`mia_gen/utility.py`).
+            CIFAR-10, an ImageFolder's sub-folders), else None. They are part of the record: the
+            condition of a class-conditional model (which the attacker, holding the record, knows)
+            and the classes of the offline utility metric (`mia_gen/utility.py`); they are never the
+            membership label.
+        texts: the records' captions, one `str` per record (may be empty: the unconditional
+            caption), or None; read them with `captions(indices)`. When present the fingerprint
+            covers them too.
     """
 
     name: str
@@ -93,6 +115,7 @@ class RecordSet:
     data: torch.Tensor
     fingerprint: str
     labels: torch.Tensor | None = None
+    texts: list[str] | None = None
 
     def __post_init__(self) -> None:
         if self.kind == IMAGE:
@@ -114,16 +137,26 @@ class RecordSet:
         if self.labels is not None and (self.labels.ndim != 1 or len(self.labels) != len(self.data)):
             raise MiaGenError(f"RecordSet '{self.name}': labels must be one per record, got shape "
                               f"{tuple(self.labels.shape)} for {len(self.data)} records.")
+        if self.texts is not None:
+            _check_captions(self.name, self.texts, len(self.data))
 
     @classmethod
-    def from_tensor(cls, name: str, kind: str, data: torch.Tensor, labels=None) -> RecordSet:
-        """Wrap stored data (uint8 `(N, C, H, W)` images or float32 `(N, D)` records) and fingerprint it
-        (the fingerprint covers the data only; `labels`, if any, are one int per record)."""
+    def from_tensor(cls, name: str, kind: str, data: torch.Tensor, labels=None,
+                    captions: Sequence[str] | None = None) -> RecordSet:
+        """Wrap stored data (uint8 `(N, C, H, W)` images or float32 `(N, D)` records) and fingerprint it.
+
+        The fingerprint covers the data and, when given, the captions (one `str` per record); without
+        captions it is the data's `array_fingerprint`, as it always was. `labels`, if any, are one int
+        per record and not fingerprinted.
+        """
         data = data.detach().cpu().contiguous()
         if labels is not None:
             labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
-        return cls(name=name, kind=kind, data=data, fingerprint=array_fingerprint(data.numpy(), kind),
-                   labels=labels)
+        fingerprint = array_fingerprint(data.numpy(), kind)
+        if captions is not None:
+            captions = _check_captions(name, list(captions), int(data.shape[0]))
+            fingerprint = _captioned_fingerprint(fingerprint, captions)
+        return cls(name=name, kind=kind, data=data, fingerprint=fingerprint, labels=labels, texts=captions)
 
     def __len__(self) -> int:
         return int(self.data.shape[0])
@@ -140,10 +173,32 @@ class RecordSet:
             images: `torch.Tensor` of shape `(K, C, H, W)` in [-1, 1] (0 -> -1, 255 -> 1);
             tabular: `torch.Tensor` of shape `(K, D)`.
         """
+        index = self._index(indices, "get")
+        records = self.data[torch.from_numpy(index)]
+        if self.kind == IMAGE:
+            return records.to(torch.float32) / 127.5 - 1.0
+        return records.clone()
+
+    @property
+    def has_captions(self) -> bool:
+        """Whether every record carries a caption (`texts` is not None)."""
+        return self.texts is not None
+
+    def captions(self, indices: Sequence[int] | np.ndarray | torch.Tensor) -> list[str]:
+        """Captions of the records at `indices` (1-D, any order, repeats allowed), as `get` orders them.
+
+        Raises:
+            MiaGenError: the dataset has no captions (the message says how to give them).
+        """
+        require_captions(self, "RecordSet.captions")
+        return [self.texts[i] for i in self._index(indices, "captions").tolist()]
+
+    def _index(self, indices: Sequence[int] | np.ndarray | torch.Tensor, method: str) -> np.ndarray:
+        """`indices` as int64 `(K,)`, checked to be 1-D integers in 0..N-1."""
         index = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices)
         if index.ndim != 1 or (index.size and not np.issubdtype(index.dtype, np.integer)):
             raise MiaGenError(
-                f"RecordSet.get takes a 1-D sequence of integer indices, got an array of shape "
+                f"RecordSet.{method} takes a 1-D sequence of integer indices, got an array of shape "
                 f"{index.shape} and dtype {index.dtype}; pass e.g. split.members."
             )
         bad = index[(index < 0) | (index >= len(self))]
@@ -152,10 +207,7 @@ class RecordSet:
                 f"Indices {bad[:5].tolist()} are outside dataset '{self.name}' ({len(self)} records, "
                 "valid 0..N-1); check that the split was drawn on this dataset."
             )
-        records = self.data[torch.from_numpy(index.astype(np.int64))]
-        if self.kind == IMAGE:
-            return records.to(torch.float32) / 127.5 - 1.0
-        return records.clone()
+        return index.astype(np.int64)
 
     def info(self) -> dict[str, Any]:
         """Metadata for results files: name, kind, n_records, record_shape, fingerprint."""
@@ -168,6 +220,46 @@ class RecordSet:
         }
 
 
+def require_captions(records: RecordSet, feature: str) -> None:
+    """Stop with the ways to give captions unless every record of `records` has one.
+
+    Args:
+        records: the dataset a text-conditioned `feature` is about to use.
+        feature: what needs the captions, as the user asked for it (e.g. "model=ldm_text").
+    """
+    if records.has_captions:
+        return
+    raise MiaGenError(
+        f"{feature} needs a caption per record, but dataset '{records.name}' has no captions. "
+        "Give them: for data=image_folder put Hugging Face's metadata.jsonl in data.root (one JSON object "
+        'per line, {"file_name": "<class>/<image>.png", "text": "<caption>"}), or set data.captions='
+        "<file.csv> (header file_name,text; file_name relative to data.root); for data=digits set "
+        'data.captions=true ("a handwritten digit k"). Or use a model that does not need text '
+        "(unconditional or class-conditional)."
+    )
+
+
+def _check_captions(name: str, captions: list, n_records: int) -> list[str]:
+    """`captions` itself, once checked to be one `str` per record."""
+    if len(captions) != n_records:
+        raise MiaGenError(f"RecordSet '{name}': captions must be one per record, got {len(captions)} for "
+                          f"{n_records} records.")
+    wrong = [i for i, caption in enumerate(captions) if not isinstance(caption, str)]
+    if wrong:
+        raise MiaGenError(
+            f"RecordSet '{name}': captions must be strings, but record(s) {wrong[:_SHOW]} have "
+            f"{type(captions[wrong[0]]).__name__}; use \"\" for a record without a caption."
+        )
+    return captions
+
+
+def _captioned_fingerprint(data_fingerprint: str, captions: list[str]) -> str:
+    """sha256 over the data's fingerprint and the captions (UTF-8 JSON list: unambiguous, in order)."""
+    digest = hashlib.sha256(f"{data_fingerprint}|captions|".encode())
+    digest.update(json.dumps(captions, ensure_ascii=False).encode("utf-8"))
+    return digest.hexdigest()
+
+
 def load_dataset(cfg: Any) -> RecordSet:
     """Load the dataset a `data` config names; offline unless `download=true`.
 
@@ -176,11 +268,15 @@ def load_dataset(cfg: Any) -> RecordSet:
             image_folder, array} and, where meaningful: `resolution` (int, images; null keeps the
             native size), `channels` (1 or 3; null keeps the native channels), `root`, `path`,
             `subset` (train|test|all; celeba also valid), `download` (default false),
-            `value_range` ([-1, 1] or [0, 1], float image arrays) and `max_records` (keep the
-            first N records; null keeps all).
+            `value_range` ([-1, 1] or [0, 1], float image arrays), `max_records` (keep the
+            first N records; null keeps all) and `captions` (digits: true gives "a handwritten
+            digit k", default false; image_folder: null reads data.root's metadata.jsonl /
+            metadata.csv if there is one, true requires it, false ignores it, a .csv / .jsonl
+            path reads that file, see `_image_folder_captions`).
 
     Returns:
-        The `RecordSet`; its fingerprint depends only on the stored array.
+        The `RecordSet`; its fingerprint depends only on the stored array and, when the records
+        have captions, on the captions.
 
     Raises:
         MissingAssetError: the files are not on this machine.
@@ -188,18 +284,21 @@ def load_dataset(cfg: Any) -> RecordSet:
     """
     options = _read_config(cfg)
     name = options["name"]
+    captions = None
     if name == "digits":
         images, labels = _load_digits()
     elif name in TORCHVISION_DATASETS:
         images, labels = _load_torchvision(name, options)
     elif name == "image_folder":
-        images, labels = _load_image_folder(options)
+        images, labels, captions = _load_image_folder(options)
     else:
         return _load_array(options)
     images = images[: options["max_records"]]  # slicing with None keeps all
     labels = None if labels is None else labels[: len(images)]
+    if name == "digits" and options["captions"]:
+        captions = [DIGIT_CAPTION.format(label=int(label)) for label in labels]
     images = _resize_images(images, options["channels"], options["resolution"])
-    return RecordSet.from_tensor(name, IMAGE, images, labels)
+    return RecordSet.from_tensor(name, IMAGE, images, labels, captions)
 
 
 def _read_config(cfg: Any) -> dict[str, Any]:
@@ -233,9 +332,9 @@ def _read_config(cfg: Any) -> dict[str, Any]:
             raise MiaGenError(f"data.{key} is required for data.name={name}: set data.{key}=<value>.")
 
     defaults = {"resolution": None, "channels": None, "root": "data", "path": None, "subset": "train",
-                "download": False, "value_range": None, "max_records": None}
+                "download": False, "value_range": None, "max_records": None, "captions": None}
     if name == "digits":
-        defaults.update(resolution=16, channels=1)
+        defaults.update(resolution=16, channels=1, captions=False)
     # An explicit null resolution / channels means "native"; other nulls fall back to the defaults.
     given = {k: v for k, v in options.items() if v is not None or k in ("resolution", "channels")}
     options = {**defaults, **given}
@@ -251,6 +350,15 @@ def _read_config(cfg: Any) -> dict[str, Any]:
         raise MiaGenError(f"data.subset must be one of {subsets} for {name}, got {options['subset']!r}.")
     if not isinstance(options["download"], bool):
         raise MiaGenError(f"data.download must be true or false, got {options['download']!r}.")
+    captions = options["captions"]
+    if name == "digits" and not isinstance(captions, bool):
+        raise MiaGenError(f"data.captions must be true (\"a handwritten digit k\") or false for digits, "
+                          f"got {captions!r}.")
+    if name == "image_folder" and not (captions is None or isinstance(captions, (bool, str))):
+        raise MiaGenError(
+            f"data.captions must be null (read data.root's metadata.jsonl if present), true (require it), "
+            f"false (no captions) or the path of a .csv / .jsonl caption file, got {captions!r}."
+        )
     return options
 
 
@@ -299,8 +407,9 @@ def _load_torchvision(name: str, options: dict[str, Any]) -> tuple[torch.Tensor,
     return torch.cat([source.data[:, None] for source in sources]), labels  # uint8 tensors (N, 28, 28)
 
 
-def _load_image_folder(options: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray]:
-    """Images under `root/<class>/<file>` in ImageFolder's sorted order, and their sub-folder index."""
+def _load_image_folder(options: dict[str, Any]) -> tuple[torch.Tensor, np.ndarray, list[str] | None]:
+    """Images under `root/<class>/<file>` in ImageFolder's sorted order, their sub-folder index and
+    their captions (None without caption files; see `_image_folder_captions`)."""
     from PIL import Image, UnidentifiedImageError
     from torchvision.datasets import ImageFolder
 
@@ -319,8 +428,10 @@ def _load_image_folder(options: dict[str, Any]) -> tuple[torch.Tensor, np.ndarra
         ) from error
     paths = [path for path, _ in folder.samples]
     labels = np.asarray([label for _, label in folder.samples], dtype=np.int64)
+    names = [os.path.relpath(path, root).replace(os.sep, "/") for path in paths]
     if options["max_records"] is not None:
         paths, labels = paths[: options["max_records"]], labels[: options["max_records"]]
+    captions = _image_folder_captions(root, names, len(paths), options["captions"])
     images, native_shapes = [], set()
     for path in paths:
         try:
@@ -334,7 +445,125 @@ def _load_image_folder(options: dict[str, Any]) -> tuple[torch.Tensor, np.ndarra
     if native_shapes:
         log.info("data: converted images under %s of shape(s) %s to %s (data.channels / data.resolution)",
                  root, sorted(native_shapes)[:3], tuple(images[0].shape))
-    return _stack(images, root), labels
+    return _stack(images, root), labels, captions
+
+
+def _image_folder_captions(root: str, names: list[str], n_loaded: int, setting: Any) -> list[str] | None:
+    """Captions of the first `n_loaded` of an image folder's images, from Hugging Face caption files.
+
+    A caption file is `metadata.jsonl` (one JSON object a line) or `metadata.csv` (header row) with
+    the columns `file_name` (relative to the folder that holds the file) and `text`. With `setting`
+    None they are read from data.root and from each class sub-folder where present; True requires
+    one; False reads none; a path reads that file, its file names relative to data.root. Every
+    loaded image needs a row (`text` "" is the unconditional caption) and every row must name one
+    of the folder's images: anything else is refused, naming the files.
+
+    Args:
+        root: data.root.
+        names: every image ImageFolder found, as `/`-separated paths relative to `root`, in its order.
+        n_loaded: how many of them are loaded (data.max_records).
+        setting: data.captions.
+    """
+    if setting is False:
+        return None
+    if isinstance(setting, str):
+        path = os.path.expanduser(setting)
+        if not os.path.isfile(path):
+            raise MissingAssetError(
+                f"Caption file data.captions={path!r} does not exist; set data.captions=<file.csv|file.jsonl> "
+                "with columns file_name (relative to data.root) and text, or data.captions=null."
+            )
+        sources = [(path, "")]
+    else:
+        folders = ["", *sorted(entry.name for entry in os.scandir(root) if entry.is_dir())]
+        sources = [(os.path.join(root, folder, file), folder) for folder in folders for file in METADATA_FILES
+                   if os.path.isfile(os.path.join(root, folder, file))]
+        if not sources:
+            if setting is True:
+                raise MissingAssetError(
+                    f"data.captions=true but there is no {' or '.join(METADATA_FILES)} in data.root={root!r} "
+                    "or its sub-folders; write one (columns file_name, text) or set data.captions=<file.csv>."
+                )
+            return None
+
+    known = set(names)
+    texts: dict[str, str] = {}
+    origin: dict[str, str] = {}
+    unknown = []
+    for path, folder in sources:
+        for line, file_name, text in _read_caption_rows(path):
+            name = posixpath.normpath(posixpath.join(folder, file_name))
+            if name in texts:
+                raise MiaGenError(f"Two caption rows name {name!r} ({origin[name]} and {path} line {line}); "
+                                  "keep one row per image.")
+            texts[name], origin[name] = text, f"{path} line {line}"
+            if name not in known:
+                unknown.append(name)
+    if unknown:
+        hint = ""
+        if any(os.path.isfile(os.path.join(root, name)) for name in unknown):
+            hint = " (a file directly in data.root is not read: ImageFolder takes <root>/<class>/<image>)"
+        listed = ", ".join(f"{name} ({origin[name]})" for name in unknown[:_SHOW])
+        raise MiaGenError(
+            f"{len(unknown)} caption row(s) name files that are not among the {len(names)} images under "
+            f"data.root={root!r}{hint}: {listed}{', ...' if len(unknown) > _SHOW else ''}. Fix their "
+            "file_name (relative to the folder of the caption file; to data.root for data.captions=<file>) "
+            "or remove the rows."
+        )
+    missing = [name for name in names[:n_loaded] if name not in texts]
+    if missing:
+        files = ", ".join(path for path, _ in sources)
+        raise MiaGenError(
+            f"{len(missing)} of {n_loaded} images have no caption row in {files}: {', '.join(missing[:_SHOW])}"
+            f"{', ...' if len(missing) > _SHOW else ''}. Add a row for each (text \"\" is the unconditional "
+            "caption), or set data.captions=false to load the images without captions."
+        )
+    return [texts[name] for name in names[:n_loaded]]
+
+
+def _read_caption_rows(path: str) -> list[tuple[int, str, str]]:
+    """(line, file_name, text) of each row of a `.jsonl` or `.csv` caption file (UTF-8)."""
+    extension = os.path.splitext(path)[1].lower()
+    needs = "a caption file has the columns file_name and text (strings)"
+    rows = []
+    if extension == ".jsonl":
+        with open(path, encoding="utf-8-sig") as handle:
+            for line, content in enumerate(handle, start=1):
+                if not content.strip():
+                    continue
+                try:
+                    row = json.loads(content)
+                except json.JSONDecodeError as error:
+                    raise MiaGenError(f"{path!r} line {line} is not JSON ({error}); {needs}, one JSON "
+                                      'object a line: {"file_name": "a/1.png", "text": "..."}.') from error
+                if not isinstance(row, dict):
+                    raise MiaGenError(f"{path!r} line {line} is not a JSON object; {needs}.")
+                rows.append((line, row))
+    elif extension == ".csv":
+        with open(path, newline="", encoding="utf-8-sig") as handle:
+            reader = csv.DictReader(handle)
+            if reader.fieldnames is None or not {"file_name", "text"} <= set(reader.fieldnames):
+                raise MiaGenError(
+                    f"{path!r} needs a header row with the columns file_name and text, found "
+                    f"{reader.fieldnames}; add the header 'file_name,text' (quote captions that hold commas)."
+                )
+            for row in reader:
+                if None in row:  # more fields than the header: an unquoted comma would cut the caption
+                    raise MiaGenError(f"{path!r} line {reader.line_num} has more fields than its header "
+                                      f"{reader.fieldnames}; quote captions that hold commas.")
+                rows.append((reader.line_num, row))
+    else:
+        raise MiaGenError(f"Caption file {path!r}: unsupported type '{extension}'; use a .csv or .jsonl file.")
+    checked = []
+    for line, row in rows:
+        file_name, text = row.get("file_name"), row.get("text")
+        if not isinstance(file_name, str) or not file_name or not isinstance(text, str):
+            raise MiaGenError(
+                f"{path!r} line {line}: file_name {file_name!r}, text {text!r}; {needs} on every row "
+                "(text may be empty, \"\")."
+            )
+        checked.append((line, file_name, text))
+    return checked
 
 
 def _load_array(options: dict[str, Any]) -> RecordSet:

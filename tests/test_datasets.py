@@ -410,3 +410,192 @@ def test_digits_and_image_folder_configs():
     assert load_dataset(OmegaConf.load(CONFIGS / "digits.yaml")).record_shape == (1, 16, 16)
     with pytest.raises(MiaGenError, match=r"data.root is required .* data.root=<value>"):
         load_dataset(OmegaConf.load(CONFIGS / "image_folder.yaml"))
+
+
+# --- captions -------------------------------------------------------------------------------------
+
+# load_dataset({"name": "digits"}).fingerprint computed by the code before captions existed (commit
+# 5f2f074, `.venv/bin/python -c "from mia_gen.datasets import load_dataset; print(load_dataset({'name':
+# 'digits'}).fingerprint)"`): splits and models cached under it must keep matching.
+DIGITS_FINGERPRINT = "f7126b7bc91d442d0c50647d08227ef03702b6decce13a73b3806180be3a302b"
+
+
+def test_fingerprint_without_captions_is_unchanged(digits):
+    assert not digits.has_captions and digits.texts is None
+    assert digits.fingerprint == DIGITS_FINGERPRINT
+    assert load_dataset(OmegaConf.load(CONFIGS / "digits.yaml")).fingerprint == DIGITS_FINGERPRINT
+    assert load_dataset({"name": "digits", "captions": False}).fingerprint == DIGITS_FINGERPRINT
+
+
+def test_digit_captions_name_sklearns_labels(digits):
+    from sklearn.datasets import load_digits
+
+    target = load_digits().target
+    captioned = load_dataset({"name": "digits", "captions": True})
+    assert captioned.has_captions and torch.equal(captioned.data, digits.data)
+    assert captioned.captions(np.arange(len(target))) == [f"a handwritten digit {label}" for label in target]
+    assert captioned.captions(torch.tensor([5, 0, 5])) == [f"a handwritten digit {target[i]}" for i in (5, 0, 5)]
+    first = load_dataset({"name": "digits", "captions": True, "max_records": 4})
+    assert first.texts == [f"a handwritten digit {label}" for label in target[:4]]
+    assert captioned.fingerprint != DIGITS_FINGERPRINT  # the captions are part of the data identity
+    with pytest.raises(MiaGenError, match=r"outside"):
+        captioned.captions([len(target)])
+    with pytest.raises(MiaGenError, match="data.captions must be true"):
+        load_dataset({"name": "digits", "captions": "yes"})
+    with pytest.raises(MiaGenError, match="no effect for data.name=array"):
+        load_dataset({"name": "array", "path": "x.npy", "captions": True})
+
+
+def test_caption_edits_change_the_fingerprint(digits):
+    captions = [f"record {i}" for i in range(len(digits))]
+    base = RecordSet.from_tensor("digits", "image", digits.data, captions=captions)
+    again = RecordSet.from_tensor("digits", "image", digits.data, captions=list(captions))
+    assert again.fingerprint == base.fingerprint
+    edited = list(captions)
+    edited[17] = "record 17 "
+    swapped = list(captions)
+    swapped[0], swapped[1] = swapped[1], swapped[0]
+    empty = [""] * len(digits)
+    prints = {base.fingerprint, DIGITS_FINGERPRINT}
+    for other in (edited, swapped, empty):
+        prints.add(RecordSet.from_tensor("digits", "image", digits.data, captions=other).fingerprint)
+    assert len(prints) == 5
+    with pytest.raises(MiaGenError, match="one per record"):
+        RecordSet.from_tensor("digits", "image", digits.data, captions=captions[:-1])
+    with pytest.raises(MiaGenError, match=r"must be strings.*\[3\]"):
+        RecordSet.from_tensor("digits", "image", digits.data, captions=[*captions[:3], None, *captions[4:]])
+
+
+def test_require_captions_says_how_to_give_them(digits):
+    from mia_gen.datasets import require_captions
+
+    with pytest.raises(MiaGenError) as caught:
+        require_captions(digits, "model=ldm_text")
+    message = str(caught.value)
+    for fix in ("model=ldm_text", "'digits' has no captions", "metadata.jsonl", '"file_name"', '"text"',
+                "data.captions=<file.csv>", "data.captions=true"):
+        assert fix in message
+    with pytest.raises(MiaGenError, match="metadata.jsonl"):
+        digits.captions([0])
+    require_captions(load_dataset({"name": "digits", "captions": True, "max_records": 2}), "model=ldm_text")
+
+
+def caption_folder(root: Path) -> dict[str, int]:
+    """Four 4x4 gray images, each a different constant value, in class folders (one nested deeper)."""
+    values = {"b/0.png": 10, "a/1.png": 20, "a/deep/2.png": 30, "c/3.png": 40}
+    for name, value in values.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(np.full((4, 4), value, np.uint8)).save(root / name)
+    return values
+
+
+CAPTIONS = {"b/0.png": "ein Hund, der läuft 🐕", "a/1.png": "猫", "a/deep/2.png": "",
+            "c/3.png": 'a "quoted" cat\non two lines'}
+
+
+def load_folder(root: Path, **options) -> RecordSet:
+    return load_dataset({"name": "image_folder", "root": str(root), "channels": 1, "resolution": 4, **options})
+
+
+def check_captions_follow_images(records: RecordSet, values: dict[str, int], captions: dict[str, str]) -> None:
+    """Each record's caption is the one written for the file holding its pixel value."""
+    by_value = {value: captions[name] for name, value in values.items()}
+    assert records.texts == [by_value[int(image.flatten()[0])] for image in records.data]
+
+
+def test_metadata_jsonl_captions_follow_the_loaders_order(tmp_path):
+    import json
+
+    values = caption_folder(tmp_path)
+    plain = load_folder(tmp_path)
+    assert not plain.has_captions and plain.fingerprint == array_fingerprint(plain.data.numpy(), "image")
+    rows = [{"file_name": name, "text": CAPTIONS[name], "other": 1} for name in ("c/3.png", "a/deep/2.png",
+                                                                                   "b/0.png", "a/1.png")]
+    rows[0]["file_name"] = "./c/3.png"  # normalised like a path
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows) + "\n\n", encoding="utf-8")
+
+    records = load_folder(tmp_path)
+    assert torch.equal(records.data, plain.data) and records.labels.tolist() == plain.labels.tolist()
+    check_captions_follow_images(records, values, CAPTIONS)
+    assert records.texts[1] == "" and "🐕" in records.captions([2])[0]  # a/1, a/deep/2, b/0, c/3
+    assert records.fingerprint != plain.fingerprint
+    assert load_folder(tmp_path).fingerprint == records.fingerprint
+    ignored = load_folder(tmp_path, captions=False)
+    assert not ignored.has_captions and ignored.fingerprint == plain.fingerprint
+    assert load_folder(tmp_path, max_records=2).texts == records.texts[:2]
+
+    rows[3]["text"] = "猫."
+    (tmp_path / "metadata.jsonl").write_text("\n".join(json.dumps(row) for row in rows), encoding="utf-8")
+    assert load_folder(tmp_path).fingerprint != records.fingerprint
+
+
+def test_metadata_in_a_class_folder_names_files_relative_to_it(tmp_path):
+    import json
+
+    values = caption_folder(tmp_path)
+    (tmp_path / "metadata.jsonl").write_text("\n".join(
+        json.dumps({"file_name": name, "text": CAPTIONS[name]}) for name in ("b/0.png", "c/3.png")))
+    (tmp_path / "a" / "metadata.jsonl").write_text("\n".join(
+        json.dumps({"file_name": name[2:], "text": CAPTIONS[name]}) for name in ("a/1.png", "a/deep/2.png")))
+    check_captions_follow_images(load_folder(tmp_path), values, CAPTIONS)
+    (tmp_path / "a" / "metadata.jsonl").write_text(json.dumps({"file_name": "../b/0.png", "text": "again"}))
+    with pytest.raises(MiaGenError, match=r"Two caption rows name 'b/0.png'"):
+        load_folder(tmp_path)
+
+
+def test_missing_rows_and_rows_without_files_are_refused_by_name(tmp_path):
+    import json
+
+    caption_folder(tmp_path)
+    metadata = tmp_path / "metadata.jsonl"
+    metadata.write_text("\n".join(json.dumps({"file_name": name, "text": "x"}) for name in ("b/0.png", "a/1.png")))
+    with pytest.raises(MiaGenError, match=r"2 of 4 images have no caption row .*: a/deep/2\.png, c/3\.png\. "
+                                          r".*data\.captions=false"):
+        load_folder(tmp_path)
+    assert load_folder(tmp_path, max_records=1).texts == ["x"]  # only the loaded images need rows
+    assert not load_folder(tmp_path, captions=False).has_captions
+
+    rows = [{"file_name": name, "text": "x"} for name in ("b/0.png", "a/1.png", "a/deep/2.png", "c/3.png")]
+    rows += [{"file_name": "a/typo.png", "text": "x"}, {"file_name": "lonely.png", "text": "x"}]
+    metadata.write_text("\n".join(json.dumps(row) for row in rows))
+    Image.fromarray(np.zeros((4, 4), np.uint8)).save(tmp_path / "lonely.png")
+    with pytest.raises(MiaGenError, match=r"2 caption row\(s\) name files that are not among the 4 images .*"
+                                          r"directly in data\.root.*a/typo\.png \(.*line 5\), lonely\.png"):
+        load_folder(tmp_path)
+
+    metadata.write_text('{"file_name": "b/0.png"}\n')
+    with pytest.raises(MiaGenError, match=r"line 1: file_name 'b/0.png', text None; .*file_name and text"):
+        load_folder(tmp_path)
+    metadata.write_text("b/0.png,a caption\n")
+    with pytest.raises(MiaGenError, match="line 1 is not JSON"):
+        load_folder(tmp_path)
+
+
+def test_csv_captions_by_option_or_metadata_csv(tmp_path):
+    import csv
+
+    values = caption_folder(tmp_path / "images")
+    path = tmp_path / "captions.csv"
+    with open(path, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["file_name", "text"])
+        writer.writerows([name, text] for name, text in CAPTIONS.items())
+    records = load_folder(tmp_path / "images", captions=str(path))
+    check_captions_follow_images(records, values, CAPTIONS)
+
+    (tmp_path / "images" / "metadata.csv").write_bytes(b"\xef\xbb\xbf" + path.read_bytes())  # with a BOM
+    automatic = load_folder(tmp_path / "images")
+    assert automatic.texts == records.texts and automatic.fingerprint == records.fingerprint
+    assert load_folder(tmp_path / "images", captions=True).texts == records.texts
+
+    path.write_text("b/0.png,a dog\n")
+    with pytest.raises(MiaGenError, match=r"needs a header row with the columns file_name and text"):
+        load_folder(tmp_path / "images", captions=str(path))
+    path.write_text("file_name,text\nb/0.png,a dog, running\n")
+    with pytest.raises(MiaGenError, match=r"line 2 has more fields .*quote captions"):
+        load_folder(tmp_path / "images", captions=str(path))
+    with pytest.raises(MissingAssetError, match="data.captions="):
+        load_folder(tmp_path / "images", captions=str(tmp_path / "absent.csv"))
+    (tmp_path / "images" / "metadata.csv").unlink()
+    with pytest.raises(MissingAssetError, match="data.captions=true but there is no metadata.jsonl"):
+        load_folder(tmp_path / "images", captions=True)

@@ -579,3 +579,15 @@ def test_a_synthetic_image_folder_of_another_size_is_converted_with_a_logged_lin
         synthetic = pipe.synthetic_records
     assert synthetic.record_shape == pipe.records.record_shape == (1, 16, 16)
     assert "converted images" in caplog.text and "[(3, 32, 32)] to (1, 16, 16)" in caplog.text
+
+
+def test_model_keys_count_data_captions_only_when_set(tmp_path):
+    """data.captions (false by default) leaves the model keys of runs from before captions existed
+    unchanged; turning captions on changes them (the records then carry captions)."""
+    keys = {}
+    for name, extra in {"default": [], "removed": ["~data.captions"], "false": ["data.captions=false"],
+                        "on": ["data.captions=true"]}.items():
+        pipeline = Pipeline(make_config(TINY_DCGAN + extra, tmp_path / "cache"), tmp_path / name)
+        keys[name] = pipeline.train_key
+    assert keys["default"] == keys["removed"] == keys["false"]
+    assert keys["on"] != keys["default"]
