@@ -35,6 +35,9 @@ class AttackContext:
     generator: the generator, only for `query` / `white_box` access.
     discriminator: the GAN's discriminator, only for `white_box` access.
     denoiser: a diffusion model's `mia_gen.models.denoiser.Denoiser`, only for `white_box` access.
+    conditions: the queries' conditions for a conditional denoiser, aligned with `queries` (class ids
+        `torch.Tensor` of shape `(Q,)` int64: the records' class labels, which the attacker holding a
+        record knows, never the membership label); None for an unconditional model.
     labelled_subset (`(positions, labels)`): only for attacks that learn from labels (e.g. SecMI-NNs):
         positions into `queries` and their member labels; evaluation drops these records.
     reference (`torch.Tensor` of shape `(R, ...)`): only when the attack needs reference data.
@@ -52,6 +55,7 @@ class AttackContext:
     generator: Optional[torch.nn.Module] = None
     discriminator: Optional[torch.nn.Module] = None
     denoiser: Optional[torch.nn.Module] = None
+    conditions: Optional[torch.Tensor] = None
     labelled_subset: Optional[tuple[np.ndarray, np.ndarray]] = None
     reference: Optional[torch.Tensor] = None
     reference_model: Optional["AttackContext"] = None

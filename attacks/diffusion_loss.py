@@ -14,8 +14,8 @@ import torch
 
 from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
 from mia_gen.attacks.timesteps import (
-    check_images, check_positive_int, check_timesteps, chunks, denoiser_of, epsilon_batched,
-    forward_noise, record_noise, sweep_list, sweep_scores,
+    check_images, check_positive_int, check_timesteps, chunks, conditions_of, denoiser_of, epsilon_batched,
+    forward_noise, record_noise, repeat_conditions, sweep_list, sweep_scores,
 )
 
 
@@ -37,6 +37,7 @@ class DiffusionLoss(Attack):
         batch_size = check_positive_int(self.batch_size, "batch_size", self.name)
         n_draws = check_positive_int(self.n_draws, "n_draws", self.name)
         queries, device = context.queries, context.device
+        conditions = conditions_of(context, self.name)
         n_jobs = len(timesteps) * n_draws  # per record, ordered (t, draw)
         out = torch.empty(len(queries), len(timesteps), n_draws, dtype=torch.float64)
         for part in chunks(len(queries), max(1, batch_size // n_jobs)):
@@ -47,7 +48,8 @@ class DiffusionLoss(Attack):
             eps_jobs = noise[:, None].expand(n, len(timesteps), *noise.shape[1:]).reshape(x0_jobs.shape)
             t_jobs = torch.tensor(timesteps, device=device).repeat_interleave(n_draws).repeat(n)
             x_t = forward_noise(x0_jobs, t_jobs, eps_jobs, denoiser.alphas_cumprod)
-            predicted = epsilon_batched(denoiser, x_t, t_jobs, batch_size, device)
+            condition_jobs = repeat_conditions(None if conditions is None else conditions[part], n_jobs)
+            predicted = epsilon_batched(denoiser, x_t, t_jobs, batch_size, device, condition_jobs)
             loss = ((predicted.double() - eps_jobs.double()) ** 2).flatten(1).sum(dim=1)
             out[part] = loss.view(n, len(timesteps), n_draws).cpu()
         return out

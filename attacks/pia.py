@@ -15,8 +15,8 @@ import torch
 
 from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
 from mia_gen.attacks.timesteps import (
-    check_images, check_positive_int, check_timesteps, chunks, denoiser_of, epsilon_batched,
-    forward_noise, full_t, sweep_list, sweep_scores,
+    check_images, check_positive_int, check_timesteps, chunks, conditions_of, denoiser_of, epsilon_batched,
+    forward_noise, full_t, repeat_conditions, sweep_list, sweep_scores,
 )
 from mia_gen.errors import MiaGenError
 
@@ -48,11 +48,13 @@ class PIA(Attack):
             raise MiaGenError(f"{self.name}: p must be a number >= 1 (a norm), got {self.p!r}.")
         p = float(self.p)
         queries, device, n_t = context.queries, context.device, len(timesteps)
+        conditions = conditions_of(context, self.name)
         out = torch.empty(len(queries), n_t, dtype=torch.float64)
         for part in chunks(len(queries), max(1, batch_size // n_t)):
             x0 = queries[part].float().to(device)
             n = len(x0)
-            eps0 = epsilon_batched(denoiser, x0, full_t(0, n, device), batch_size, device)
+            condition = None if conditions is None else conditions[part]
+            eps0 = epsilon_batched(denoiser, x0, full_t(0, n, device), batch_size, device, condition)
             if self.normalize_eps0:
                 eps0 = gaussian_scaled(eps0)
             # jobs ordered (record, t)
@@ -60,7 +62,7 @@ class PIA(Attack):
             eps0_jobs = eps0.repeat_interleave(n_t, dim=0)
             t_jobs = torch.tensor(timesteps, device=device).repeat(n)
             x_t = forward_noise(x0_jobs, t_jobs, eps0_jobs, denoiser.alphas_cumprod)
-            eps_t = epsilon_batched(denoiser, x_t, t_jobs, batch_size, device)
+            eps_t = epsilon_batched(denoiser, x_t, t_jobs, batch_size, device, repeat_conditions(condition, n_t))
             distance = ((eps0_jobs.double() - eps_t.double()).abs() ** p).flatten(1).sum(dim=1) ** (1 / p)
             out[part] = distance.view(n, n_t).cpu()
         return out

@@ -30,8 +30,8 @@ from torch import nn
 
 from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
 from mia_gen.attacks.timesteps import (
-    check_images, check_positive_int, check_timesteps, chunks, ddim_step, denoiser_of,
-    epsilon_batched, full_t, sweep_list, sweep_scores,
+    check_images, check_positive_int, check_timesteps, chunks, conditions_of, ddim_step, denoiser_of,
+    epsilon_batched, full_t, repeat_conditions, sweep_list, sweep_scores,
 )
 from mia_gen.errors import MiaGenError
 
@@ -91,23 +91,25 @@ class SecMI(Attack):
         check_images(context.queries, denoiser, self.name)
         batch_size = check_positive_int(self.batch_size, "batch_size", self.name)
         abar, k, device, n_t = denoiser.alphas_cumprod, int(self.k), context.device, len(timesteps)
-        queries = context.queries
+        queries, conditions = context.queries, conditions_of(context, self.name)
         out = torch.empty(len(queries), n_t, *queries.shape[1:])
         for part in chunks(len(queries), max(1, batch_size // n_t)):
             x = queries[part].float().to(device)
             n = len(x)
+            condition = None if conditions is None else conditions[part]
+            condition_jobs = repeat_conditions(condition, n_t)
             states = {0: x}  # kept only at the timesteps measured
             for t in range(0, max(timesteps), k):  # deterministic inversion, one record batch
-                eps = epsilon_batched(denoiser, x, full_t(t, n, device), batch_size, device)
+                eps = epsilon_batched(denoiser, x, full_t(t, n, device), batch_size, device, condition)
                 x = ddim_step(x, eps, full_t(t, n, device), full_t(t + k, n, device), abar)
                 if t + k in timesteps:
                     states[t + k] = x
             # jobs ordered (record, t): one step out to t + k and back to t
             x_t = torch.stack([states[t] for t in timesteps], dim=1).flatten(0, 1)
             t_jobs = torch.tensor(timesteps, device=device).repeat(n)
-            eps = epsilon_batched(denoiser, x_t, t_jobs, batch_size, device)
+            eps = epsilon_batched(denoiser, x_t, t_jobs, batch_size, device, condition_jobs)
             x_out = ddim_step(x_t, eps, t_jobs, t_jobs + k, abar)
-            eps_out = epsilon_batched(denoiser, x_out, t_jobs + k, batch_size, device)
+            eps_out = epsilon_batched(denoiser, x_out, t_jobs + k, batch_size, device, condition_jobs)
             x_back = ddim_step(x_out, eps_out, t_jobs + k, t_jobs, abar)
             out[part] = (x_back - x_t).abs().view(n, n_t, *x.shape[1:]).float().cpu()
         return out

@@ -6,7 +6,9 @@ scheduler: `DDIMScheduler.step` clips its x0 prediction by default, which change
 
 The diffusion model is any `torch.nn.Module` with the `Denoiser` interface:
     alphas_cumprod (`torch.Tensor` of shape `(T,)`, float64), num_train_timesteps (T),
-    sample_shape ((C, H, W)), epsilon(x_t, t) -> eps with x_t `(N, C, H, W)` and t int64 `(N,)`.
+    sample_shape ((C, H, W)), epsilon(x_t, t[, condition]) -> eps with x_t `(N, C, H, W)`, t int64 `(N,)`
+    and, for a conditional model only, one condition per image (`AttackContext.conditions`, sliced
+    and repeated exactly as the images are).
 """
 
 from __future__ import annotations
@@ -106,11 +108,37 @@ def chunks(n: int, size: int) -> Iterator[slice]:
 
 @torch.no_grad()
 def epsilon_batched(denoiser, x_t: torch.Tensor, t: torch.Tensor, batch_size: int,
-                    device: torch.device) -> torch.Tensor:
-    """eps_theta(x_t, t) for `(M, C, H, W)` inputs, at most `batch_size` per model call, float32."""
-    parts = [denoiser.epsilon(x_t[part].to(device), t[part].to(device)).float()
-             for part in chunks(len(x_t), batch_size)]
+                    device: torch.device, conditions: torch.Tensor | None = None) -> torch.Tensor:
+    """eps_theta(x_t, t[, condition]) for `(M, C, H, W)` inputs, at most `batch_size` per model call, float32.
+
+    conditions: `(M, ...)`, one per input (None: an unconditional model, called as epsilon(x_t, t)).
+    """
+    if conditions is None:
+        parts = [denoiser.epsilon(x_t[part].to(device), t[part].to(device)).float()
+                 for part in chunks(len(x_t), batch_size)]
+    else:
+        parts = [denoiser.epsilon(x_t[part].to(device), t[part].to(device), conditions[part].to(device)).float()
+                 for part in chunks(len(x_t), batch_size)]
     return torch.cat(parts) if parts else x_t.new_zeros(x_t.shape)
+
+
+def conditions_of(context, attack_name: str) -> torch.Tensor | None:
+    """The queries' conditions (`AttackContext.conditions`) as a tensor `(Q, ...)`, or None; checked aligned."""
+    conditions = getattr(context, "conditions", None)
+    if conditions is None:
+        return None
+    conditions = torch.as_tensor(conditions)
+    if conditions.dim() == 0 or len(conditions) != len(context.queries):
+        raise MiaGenError(
+            f"attack '{attack_name}': conditions must hold one condition per query record ({len(context.queries)}), "
+            f"aligned with the queries, got shape {tuple(conditions.shape)}."
+        )
+    return conditions
+
+
+def repeat_conditions(conditions: torch.Tensor | None, repeats: int) -> torch.Tensor | None:
+    """Each record's condition repeated for its `repeats` consecutive jobs (jobs ordered record-major)."""
+    return None if conditions is None else conditions.repeat_interleave(int(repeats), dim=0)
 
 
 def record_noise(record_ids: np.ndarray, seed: int, n_draws: int, shape: Sequence[int]) -> torch.Tensor:

@@ -158,7 +158,7 @@ def score(attack: str | Attack, records: Any, *, samples: Any = None, generator:
           discriminator: Optional[torch.nn.Module] = None, denoiser: Optional[torch.nn.Module] = None,
           reference: Any = None, record_ids: Any = None, device: str | torch.device | None = None, seed: int = 0,
           labelled_subset: Optional[tuple[Any, Any]] = None,
-          groups: Optional[Mapping[int, np.ndarray]] = None) -> np.ndarray:
+          groups: Optional[Mapping[int, np.ndarray]] = None, conditions: Any = None) -> np.ndarray:
     """Per-record membership scores, float64 `(N,)`: higher = more likely a member (every attack).
 
     Args:
@@ -178,6 +178,8 @@ def score(attack: str | Attack, records: Any, *, samples: Any = None, generator:
         labelled_subset (`(positions, labels)`): for attacks that learn from labels (`secmi_nn`):
             positions into `records` and their 0/1 member labels; leave those records out of `evaluate`.
         groups (`{n: (G, n) positions}`): for `co_membership`, from `mia_gen.groups.draw_groups`.
+        conditions (`(N,)` int class ids): for a class-conditional `denoiser`, each record's class label
+            (part of the record, never its membership label), aligned with `records`.
 
     The attack gets only what its access allows (samples for sample-based attacks, the model for
     query / white-box ones, ...), so one set of keyword arguments can serve every attack of a loop.
@@ -213,6 +215,7 @@ def score(attack: str | Attack, records: Any, *, samples: Any = None, generator:
         context.generator = generator
         if attack.access is Access.WHITE_BOX:
             context.discriminator, context.denoiser = discriminator, denoiser
+            context.conditions = None if conditions is None else torch.as_tensor(conditions)
     if attack.needs_reference_data:
         if reference is None or len(reference) == 0:
             raise _missing(attack, "reference data (records from the same distribution, disjoint from the "

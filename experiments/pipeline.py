@@ -288,7 +288,8 @@ class Pipeline:
         sampling), the split (it holds the data's fingerprint), the seed and the device type (CPU and
         CUDA kernels agree only to float precision, so a score is reused only on the kind of device that
         computed it), and where the attack uses them: the labelled subset (positions and labels), the
-        reference model's keys and the co-membership groups. Not keyed: `threads`, paths, the library
+        reference model's keys and the co-membership groups; for white-box attacks on a diffusion model, the
+        queries' class labels (a class-conditional model is scored under them). Not keyed: `threads`, paths, the library
         versions and git commit (recorded in the score file, `versions`), and the evaluation settings
         that only change metrics (tests/test_score_identity.py).
         """
@@ -304,6 +305,12 @@ class Pipeline:
         if attack.group_draw() is not None:  # group scores depend on the groups drawn
             identity["groups"] = config_hash({str(n): rows.tolist()
                                               for n, rows in self.groups(*attack.group_draw()).items()})
+        if (attack.access is Access.WHITE_BOX and self.cfg.model.family == "diffusion"
+                and self.records.labels is not None):
+            # a class-conditional model is scored under each query's class label (`conditions`), and labels
+            # are not part of every dataset's fingerprint (an image folder's come from its folder names)
+            labels = self.records.labels[torch.as_tensor(self.query_ids)]
+            identity["query_labels"] = config_hash({"labels": labels.tolist()})
         return identity
 
     def attack_key(self, name: str, attack: Attack) -> str:
@@ -434,6 +441,7 @@ class Pipeline:
             context.discriminator = load_discriminator(self.cfg.model, self.model_dir, self.device)
         if attack.access is Access.WHITE_BOX and self.cfg.model.family == "diffusion":
             context.denoiser = self.denoiser
+            context.conditions = self.conditions(context.denoiser)
         if attack.needs_labelled_subset:
             context.labelled_subset = self.labelled_subset()
         if attack.needs_reference_data:
@@ -444,6 +452,22 @@ class Pipeline:
             context.reference_model = self.reference_pipeline(attack).context_for(attack, reference_model=False)
             context.reference_model.labelled_subset = context.labelled_subset
         return context
+
+    def conditions(self, denoiser: torch.nn.Module) -> torch.Tensor | None:
+        """The queries' conditions for a conditional denoiser: their class labels (part of the record, which
+        the attacker knows; never the membership label); None for an unconditional one."""
+        kind = getattr(denoiser, "condition_kind", "none")
+        if kind == "none":
+            return None
+        if kind != "class":
+            raise MiaGenError(f"the diffusion model takes {kind} conditions, which the pipeline cannot give yet.")
+        if self.records.labels is None:
+            raise MiaGenError(
+                f"the diffusion model is class-conditional ({denoiser.num_classes} classes) but data="
+                f"{self.records.name} has no class labels to condition it on; use a labelled dataset (digits, "
+                "mnist, cifar10, an image folder with one sub-folder per class) or an unconditional model."
+            )
+        return self.records.labels[torch.as_tensor(self.query_ids)].to(torch.int64)
 
     def reference_pipeline(self, attack: Attack) -> "ReferencePipeline":
         """The reference model of a calibrating attack: trained the same way on reference records."""

@@ -1,11 +1,14 @@
-"""The one interface white-box diffusion attacks use: epsilon(x_t, t) plus the noise schedule.
+"""The one interface white-box diffusion attacks use: epsilon(x_t, t, condition) plus the noise schedule.
 
 Attacks (loss, SecMI, PIA, GSA, ...) see only a `Denoiser`; they never touch diffusers
 internals, so any epsilon-, v- or x0-predicting network is attacked the same way:
 
 - `alphas_cumprod`: `(T,)` float64 on CPU, the cumulative product of (1 - beta_t);
 - `num_train_timesteps`: T; `sample_shape`: `(C, H, W)`;
-- `epsilon(x_t, t)`: the predicted noise, whatever the network was trained to predict.
+- `condition_kind`: "none" (unconditional) or "class" (`num_classes` class labels; text embeddings
+  come with latent models);
+- `epsilon(x_t, t, condition)`: the predicted noise, whatever the network was trained to predict;
+  `condition` is one per record (class ids `(N,)` int64), None for an unconditional model.
 
 `load_denoiser` builds one from a diffusers pipeline directory (or hub id, if allowed), a bare
 UNet directory plus `model.betas`, or the user's own network class + safetensors weights.
@@ -28,6 +31,7 @@ from mia_gen.errors import CorruptStoreError, MiaGenError, MissingAssetError
 log = logging.getLogger(__name__)
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+CONDITION_KINDS = ("none", "class")
 PIPELINE_INDEX = "model_index.json"
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # What a network predicts, in the words of an error message.
@@ -35,26 +39,35 @@ _SPOKEN = {"epsilon": "an epsilon", "v_prediction": "a v-prediction", "sample": 
 
 
 class Denoiser(nn.Module):
-    """A noise-prediction network `epsilon(x_t, t)` with its noise schedule; always in eval() mode.
+    """A noise-prediction network `epsilon(x_t, t, condition)` with its noise schedule; always in eval() mode.
 
     Args:
-        network: called as `network(x_t, t)`; returns a tensor `(N, C', H, W)` or an object whose
-            `.sample` is one (diffusers' `UNet2DModel`). `C' = 2C` (learned variance) keeps the
-            first C channels, the mean prediction.
+        network: called as `network(x_t, t)` (unconditional) or `network(x_t, t, class_labels=y)`
+            (class-conditional: diffusers' `UNet2DModel(num_class_embeds=...)`, `DiTTransformer2DModel`);
+            returns a tensor `(N, C', H, W)` or an object whose `.sample` is one. `C' = 2C` (learned
+            variance, e.g. DiT) keeps the first C channels, the mean prediction.
         alphas_cumprod: `(T,)`, values in (0, 1], decreasing.
         sample_shape: `(C, H, W)` of the images the network was trained on.
         prediction_type: what `network` predicts: "epsilon", "v_prediction" or "sample" (x0);
             `epsilon()` converts to epsilon exactly.
+        condition_kind: "none" or "class" (then `num_classes` labels 0..num_classes-1).
+        null_class: the label of the unconditional branch of a class model trained with label dropout
+            (DiT: `num_classes`), or None when it has none.
+        guidance_scale: 1 = the conditional prediction (what the papers attack); s != 1 =
+            eps_uncond + s (eps_cond - eps_uncond) (classifier-free guidance, Ho & Salimans), which
+            needs a `null_class`.
     """
 
     def __init__(self, network: nn.Module, alphas_cumprod: torch.Tensor, sample_shape: tuple[int, int, int],
-                 prediction_type: str = "epsilon") -> None:
+                 prediction_type: str = "epsilon", *, condition_kind: str = "none", num_classes: int | None = None,
+                 null_class: int | None = None, guidance_scale: float = 1.0) -> None:
         super().__init__()
         if prediction_type not in PREDICTION_TYPES:
             raise MiaGenError(
                 f"prediction_type={prediction_type!r} is not supported; set model.prediction_type to one of "
                 f"{list(PREDICTION_TYPES)} (or null to read it from the checkpoint's scheduler)."
             )
+        _check_conditioning(condition_kind, num_classes, null_class, guidance_scale)
         alphas_cumprod = torch.as_tensor(alphas_cumprod).detach().to("cpu", torch.float64)
         if alphas_cumprod.dim() != 1 or len(alphas_cumprod) < 1 or not (
             (alphas_cumprod > 0).all() and (alphas_cumprod <= 1).all()
@@ -69,6 +82,10 @@ class Denoiser(nn.Module):
         self.num_train_timesteps = int(len(alphas_cumprod))
         self.sample_shape = tuple(int(s) for s in sample_shape)
         self.prediction_type = prediction_type
+        self.condition_kind = condition_kind
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.null_class = None if null_class is None else int(null_class)
+        self.guidance_scale = float(guidance_scale)
         self.eval()
 
     def train(self, mode: bool = True) -> "Denoiser":
@@ -113,31 +130,74 @@ class Denoiser(nn.Module):
             )
         return x_t, t.to(torch.int64)
 
-    def epsilon(self, x_t: torch.Tensor, t: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
+    def _check_condition(self, condition: Any, n: int) -> torch.Tensor | None:
+        """The condition as class ids `(n,)` int64, or None for an unconditional model."""
+        if self.condition_kind == "none":
+            if condition is not None:
+                raise MiaGenError(
+                    "a condition was given, but this diffusion model is unconditional (its network takes no "
+                    "class labels); score it without conditions."
+                )
+            return None
+        if condition is None:
+            raise MiaGenError(
+                f"this diffusion model is class-conditional ({self.num_classes} classes): give each record's class "
+                "label as its condition (the pipeline passes the dataset's labels; with the Python API, "
+                "`score(..., conditions=labels)`; `Denoiser.epsilon(x_t, t, labels)`)."
+            )
+        condition = torch.as_tensor(condition)
+        if condition.is_floating_point() or condition.is_complex() or condition.dtype == torch.bool \
+                or condition.shape != (n,):
+            raise MiaGenError(
+                f"the condition of a class-conditional model must be one integer class label per image, shape "
+                f"({n},), got {condition.dtype} {tuple(condition.shape)}."
+            )
+        if n and (int(condition.min()) < 0 or int(condition.max()) >= self.num_classes):
+            raise MiaGenError(
+                f"class labels must lie in [0, {self.num_classes}) for this model, got [{int(condition.min())}, "
+                f"{int(condition.max())}]; the dataset's labels do not match the model's classes."
+            )
+        return condition.to(torch.int64)
+
+    def _predict(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """The network's raw prediction `(N, C', H, W)` (before the learned-variance cut), in x_t's dtype."""
+        parameter = next(self.network.parameters(), None)
+        network_dtype = parameter.dtype if parameter is not None else x_t.dtype
+        if labels is None:
+            out = self.network(x_t.to(network_dtype), t)
+        else:
+            out = self.network(x_t.to(network_dtype), t, class_labels=labels)
+        out = getattr(out, "sample", out)
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.to(x_t.dtype)
+
+    def epsilon(self, x_t: torch.Tensor, t: torch.Tensor, condition: Any = None, *,
+                grad: bool = False) -> torch.Tensor:
         """Predicted noise at `x_t`.
 
         Args:
             x_t: `(N, C, H, W)`, a noised image (any device / float dtype; the model's device is used).
             t: `(N,)` int64 in [0, T) (a scalar is broadcast).
+            condition: per image: class ids `(N,)` int64 for a class-conditional model (`condition_kind`
+                "class"); None for an unconditional one.
             grad: keep the autograd graph (gradient-based attacks); otherwise runs under no_grad.
 
         Returns:
             `(N, C, H, W)` on the model's device, in x_t's dtype.
         """
         x_t, t = self._check(x_t, t)
+        labels = self._check_condition(condition, len(x_t))
         x_t = x_t.to(self.device)
         t = t.to(x_t.device)
-        parameter = next(self.network.parameters(), None)
-        network_dtype = parameter.dtype if parameter is not None else x_t.dtype
         with torch.set_grad_enabled(grad):
-            out = self.network(x_t.to(network_dtype), t)
-            out = getattr(out, "sample", out)
-            if isinstance(out, (tuple, list)):
-                out = out[0]
-            out = out.to(x_t.dtype)
+            out = self._predict(x_t, t, None if labels is None else labels.to(x_t.device))
             c = self.sample_shape[0]
             if out.shape[1] == 2 * c:  # learned variance (Nichol & Dhariwal): mean prediction first
                 out = out[:, :c]
+            if labels is not None and self.guidance_scale != 1.0:  # classifier-free guidance (Ho & Salimans)
+                uncond = self._predict(x_t, t, torch.full_like(labels, self.null_class, device=x_t.device))[:, :c]
+                out = uncond + self.guidance_scale * (out - uncond)
             if self.prediction_type == "epsilon":
                 return out
             a = self.alphas_cumprod.to(x_t.device)[t].view(-1, 1, 1, 1)
@@ -149,11 +209,14 @@ class Denoiser(nn.Module):
     forward = epsilon
 
     @classmethod
-    def from_unet(cls, unet: nn.Module, scheduler: Any, prediction_type: str | None = None) -> "Denoiser":
-        """Wrap a diffusers `UNet2DModel` and its scheduler (object or config dict).
+    def from_unet(cls, unet: nn.Module, scheduler: Any, prediction_type: str | None = None, *,
+                  guidance_scale: float = 1.0) -> "Denoiser":
+        """Wrap a diffusers `UNet2DModel` (class-conditional with `num_class_embeds`) or a
+        `DiTTransformer2DModel` and its scheduler (object or config dict).
 
         prediction_type: what the user declared (`model.prediction_type`); None reads it from the
         scheduler. A declaration that contradicts the scheduler is an error, not a silent choice.
+        guidance_scale: see `Denoiser`; the model's classes and null class are read from its config.
         """
         scheduler = _as_scheduler(scheduler)
         checkpoint_type = scheduler.config.get("prediction_type", "epsilon")
@@ -176,7 +239,48 @@ class Denoiser(nn.Module):
             raise MiaGenError("the UNet's config has no sample_size; set it in the checkpoint's unet/config.json "
                               "(the image size it was trained on, e.g. 32).")
         h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return cls(unet, alphas_cumprod, (config.in_channels, h, w), checkpoint_type)
+        kind, num_classes, null_class = _conditioning_of(unet)
+        return cls(unet, alphas_cumprod, (config.in_channels, h, w), checkpoint_type, condition_kind=kind,
+                   num_classes=num_classes, null_class=null_class, guidance_scale=guidance_scale)
+
+
+def _check_conditioning(kind: str, num_classes: int | None, null_class: int | None, guidance_scale: Any) -> None:
+    if kind not in CONDITION_KINDS:
+        raise MiaGenError(f"condition_kind={kind!r} is not supported; use one of {list(CONDITION_KINDS)}.")
+    if kind == "class" and (num_classes is None or int(num_classes) < 1):
+        raise MiaGenError("a class-conditional Denoiser needs num_classes >= 1 (the number of class labels).")
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise MiaGenError(f"model.guidance_scale must be a number (1 = the conditional prediction), got "
+                          f"{guidance_scale!r}.")
+    if float(guidance_scale) != 1.0:
+        if kind == "none":
+            raise MiaGenError(f"model.guidance_scale={guidance_scale} needs a conditional model; this one is "
+                              "unconditional: set model.guidance_scale=1.")
+        if null_class is None:
+            raise MiaGenError(
+                f"model.guidance_scale={guidance_scale} mixes in the unconditional prediction, but this "
+                "class-conditional model has no null class (it was not trained with label dropout, e.g. a "
+                "UNet2DModel with num_class_embeds); set model.guidance_scale=1 (the conditional prediction)."
+            )
+
+
+def _conditioning_of(network: nn.Module) -> tuple[str, int | None, int | None]:
+    """(condition_kind, num_classes, null_class) of a diffusers network, read from its config."""
+    config = network.config
+    if config.get("class_embed_type") is not None:
+        raise MiaGenError(
+            f"the UNet's class_embed_type={config.get('class_embed_type')!r} (continuous class embeddings) is not "
+            "supported; mia-gen attacks class-conditional UNets with num_class_embeds (integer labels)."
+        )
+    if config.get("num_class_embeds") is not None:  # UNet2DModel: nn.Embedding(num_class_embeds), no null label
+        return "class", int(config.num_class_embeds), None
+    if config.get("norm_type") == "ada_norm_zero" and config.get("num_embeds_ada_norm") is not None:
+        # DiT: the label table has one extra row, the null label num_classes, when trained with label dropout
+        num_classes = int(config.num_embeds_ada_norm)
+        rows = [m.num_embeddings for name, m in network.named_modules()
+                if name.endswith("class_embedder.embedding_table") and isinstance(m, nn.Embedding)]
+        return "class", num_classes, num_classes if rows and rows[0] > num_classes else None
+    return "none", None, None
 
 
 def _as_scheduler(scheduler: Any):
@@ -262,12 +366,14 @@ def load_denoiser(model_cfg: Any, model_dir_or_id: str | os.PathLike | None, dev
     model_cfg keys (see configs/model/diffusers.yaml): `prediction_type` (null = from the checkpoint),
     `use_ema` (prefer `unet_ema/` when present), `allow_download` (hub ids; off by default),
     `betas` (noise schedule for a bare UNet directory or an own network), `network` (`_target_` +
-    kwargs of an own epsilon network) and `weights` (its safetensors state dict).
+    kwargs of an own epsilon network), `weights` (its safetensors state dict) and `guidance_scale`
+    (class-conditional models; default 1 = the conditional prediction).
 
     model_dir_or_id: a diffusers pipeline directory (`model_index.json`, `unet/` [`unet_ema/`],
-    `scheduler/`), a bare UNet directory (`config.json` + safetensors), a hub id (with
-    `allow_download=true` or already in the local cache), or, for an own network, the directory
-    `model.weights` is relative to.
+    `scheduler/`; a UNet with `num_class_embeds` makes a class-conditional Denoiser; latent
+    pipelines such as DiT are refused for now), a bare UNet directory (`config.json` + safetensors),
+    a hub id (with `allow_download=true` or already in the local cache), or, for an own network, the
+    directory `model.weights` is relative to.
     """
     cfg = _plain(model_cfg)
     prediction_type = cfg.get("prediction_type")
@@ -283,10 +389,12 @@ def load_denoiser(model_cfg: Any, model_dir_or_id: str | os.PathLike | None, dev
 def _load_diffusers(cfg: dict, location: str | os.PathLike, prediction_type: str | None) -> Denoiser:
     allow_download = bool(cfg.get("allow_download", False))
     use_ema = bool(cfg.get("use_ema", True))
+    guidance_scale = cfg.get("guidance_scale", 1.0)
     path = _resolve_path(location)
     if path.is_dir():
         _warn_if_incomplete(path)
         if (path / PIPELINE_INDEX).is_file():
+            _refuse_latent_pipeline(path)
             subfolder = "unet_ema" if use_ema and (path / "unet_ema" / "config.json").is_file() else "unet"
             if not (path / subfolder).is_dir():
                 raise MissingAssetError(
@@ -294,7 +402,8 @@ def _load_diffusers(cfg: dict, location: str | os.PathLike, prediction_type: str
                     "Save it again with `pipeline.save_pretrained(dir)` (or retrain with `mia-gen-train`)."
                 )
             log.info("diffusion model: %s/%s", path, subfolder)
-            return Denoiser.from_unet(_load_unet(path, subfolder, True), _load_scheduler(path, True), prediction_type)
+            return Denoiser.from_unet(_load_unet(path, subfolder, True), _load_scheduler(path, True), prediction_type,
+                                      guidance_scale=guidance_scale)
         if (path / "config.json").is_file():
             if not cfg.get("betas"):
                 raise MiaGenError(
@@ -303,7 +412,8 @@ def _load_diffusers(cfg: dict, location: str | os.PathLike, prediction_type: str
                     "whole pipeline directory (with model_index.json and scheduler/)."
                 )
             scheduler = scheduler_from_betas(cfg["betas"], prediction_type)
-            return Denoiser.from_unet(_load_unet(path, None, True), scheduler, prediction_type)
+            return Denoiser.from_unet(_load_unet(path, None, True), scheduler, prediction_type,
+                                      guidance_scale=guidance_scale)
         raise MissingAssetError(
             f"{path} holds neither a diffusers pipeline ({PIPELINE_INDEX}, unet/, scheduler/) nor a UNet "
             f"(config.json, {UNET_WEIGHTS}). Put the model there (`pipeline.save_pretrained(dir)`), or point "
@@ -332,7 +442,25 @@ def _load_diffusers(cfg: dict, location: str | os.PathLike, prediction_type: str
                 f"model.checkpoint=<dir>, or set model.allow_download=true."
             ) from err
         raise
-    return Denoiser.from_unet(unet, scheduler, prediction_type)
+    return Denoiser.from_unet(unet, scheduler, prediction_type, guidance_scale=guidance_scale)
+
+
+def _refuse_latent_pipeline(path: Path) -> None:
+    """A pipeline whose network denoises a VAE latent (DiT, Stable Diffusion) is not attacked yet."""
+    try:
+        components = json.loads((path / PIPELINE_INDEX).read_text())
+    except json.JSONDecodeError as err:
+        raise CorruptStoreError(f"{path / PIPELINE_INDEX} is not valid JSON ({err}); save the pipeline again "
+                                "with `pipeline.save_pretrained(dir)`.") from err
+    latent = [name for name in ("vae", "transformer", "text_encoder") if name in components]
+    if latent:
+        raise MiaGenError(
+            f"{path} is a {components.get('_class_name', 'diffusers')} with {', '.join(latent)}: a latent "
+            "(or text-conditioned) diffusion model. Not yet: latent models come with issue 12's next part; "
+            "today mia-gen attacks pixel-space pipelines (DDPMPipeline / DDIMPipeline, unconditional or with a "
+            "UNet2DModel's num_class_embeds); a pixel-space DiT transformer can be wrapped with "
+            "`Denoiser.from_unet(transformer, scheduler)`."
+        )
 
 
 def _warn_if_incomplete(path: Path) -> None:
@@ -386,4 +514,5 @@ def _load_own_network(cfg: dict, location: str | os.PathLike | None, prediction_
             "it is damaged or was saved from another architecture: check model.network."
         ) from err
     scheduler = scheduler_from_betas(cfg.get("betas"), prediction_type)
-    return Denoiser(network, scheduler.alphas_cumprod, tuple(shape), prediction_type or "epsilon")
+    return Denoiser(network, scheduler.alphas_cumprod, tuple(shape), prediction_type or "epsilon",
+                    guidance_scale=cfg.get("guidance_scale", 1.0))
