@@ -27,6 +27,7 @@ import numpy as np
 
 from mia_gen.datasets import RecordSet
 from mia_gen.errors import MiaGenError, MissingAssetError
+from mia_gen.json_files import read_json, write_json
 
 FORMAT_VERSION = 1
 SET_NAMES = ("members", "non_members", "reference")
@@ -136,26 +137,14 @@ class Split:
     def save(self, path: str | os.PathLike) -> None:
         """Write the split as JSON to `path` (parent folders are created)."""
         self.validate()
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as handle:
-            json.dump(self.to_dict(), handle, indent=1)
-            handle.write("\n")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike, records: RecordSet | None = None) -> Split:
         """Read a split file written by `save` and validate it (against `records` if given)."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise MissingAssetError(
-                f"Split file {path!r} does not exist; set split.path=<file.json> to an existing split, "
-                "or split.path=null to draw a new one."
-            )
-        try:
-            with open(path) as handle:
-                content = json.load(handle)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise MiaGenError(f"Split file {path!r} is not valid JSON ({error}); re-create it.") from error
+        content = read_json(path, "Split file", if_missing="set split.path=<file.json> to an existing split, "
+                            "or split.path=null to draw a new one.", if_invalid="re-create it.")
         split = cls.from_dict(content, source=f"Split file {path!r}")
         split.validate(records)
         return split

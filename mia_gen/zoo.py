@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from mia_gen.datasets import RecordSet
-from mia_gen.errors import MiaGenError, MissingAssetError
+from mia_gen.errors import MiaGenError
+from mia_gen.json_files import read_json, write_json
 
 FORMAT_VERSION = 1
 _KEYS = ("dataset", "fingerprint", "seed", "n_records", "record_ids", "membership")
@@ -147,24 +148,14 @@ class ZooMembership:
     def save(self, path: str | os.PathLike) -> None:
         """Write the zoo as JSON to `path` (parent folders are created)."""
         self.validate()
-        path = os.fspath(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as handle:
-            json.dump(self.to_dict(), handle, indent=1)
-            handle.write("\n")
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | os.PathLike, records: RecordSet | None = None) -> ZooMembership:
         """Read a zoo file written by `save` and validate it (against `records` if given)."""
         path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise MissingAssetError(f"Zoo file {path!r} does not exist; point to an existing zoo file, or "
-                                    "draw one with mia_gen.zoo.draw_zoo and save it.")
-        try:
-            with open(path) as handle:
-                content = json.load(handle)
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise MiaGenError(f"Zoo file {path!r} is not valid JSON ({error}); {_FIX}.") from error
+        content = read_json(path, "Zoo file", if_missing="point to an existing zoo file, or draw one with "
+                            "mia_gen.zoo.draw_zoo and save it.", if_invalid=f"{_FIX}.")
         zoo = cls.from_dict(content, source=f"Zoo file {path!r}")
         zoo.validate(records)
         return zoo
