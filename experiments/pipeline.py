@@ -306,11 +306,10 @@ class Pipeline:
             identity["groups"] = config_hash({str(n): rows.tolist()
                                               for n, rows in self.groups(*attack.group_draw()).items()})
         if (attack.access is Access.WHITE_BOX and self.cfg.model.family == "diffusion"
-                and self.records.labels is not None):
+                and self.query_labels is not None):
             # a class-conditional model is scored under each query's class label (`conditions`), and labels
             # are not part of every dataset's fingerprint (an image folder's come from its folder names)
-            labels = self.records.labels[torch.as_tensor(self.query_ids)]
-            identity["query_labels"] = config_hash({"labels": labels.tolist()})
+            identity["query_labels"] = config_hash({"labels": self.query_labels.tolist()})
         return identity
 
     def attack_key(self, name: str, attack: Attack) -> str:
@@ -467,7 +466,13 @@ class Pipeline:
                 f"{self.records.name} has no class labels to condition it on; use a labelled dataset (digits, "
                 "mnist, cifar10, an image folder with one sub-folder per class) or an unconditional model."
             )
-        return self.records.labels[torch.as_tensor(self.query_ids)].to(torch.int64)
+        return self.query_labels.to(torch.int64)
+
+    @cached_property
+    def query_labels(self) -> torch.Tensor | None:
+        """The queries' class labels (part of each record; never the membership label); None without labels."""
+        labels = self.records.labels
+        return None if labels is None else labels[torch.as_tensor(self.query_ids)]
 
     def reference_pipeline(self, attack: Attack) -> "ReferencePipeline":
         """The reference model of a calibrating attack: trained the same way on reference records."""
