@@ -23,7 +23,7 @@ from mia_gen.attacks.base import build_attack as _build_registered
 from mia_gen.device import resolve_device
 from mia_gen.errors import MiaGenError
 from mia_gen.metrics import evaluate_scores
-from mia_gen.sample_store import InMemorySampleStore, SampleStore
+from mia_gen.sample_store import InMemorySampleStore, SampleStore, as_float_tensor
 
 # The model each white-box / query attack reads, and where a Hydra run takes it from.
 _DENOISER = ("denoiser", "denoiser=mia_gen.load_denoiser(<diffusers pipeline dir>)",
@@ -103,19 +103,11 @@ def build_attack(name: str, **params: Any) -> Attack:
 
 def _as_records(values: Any, argument: str) -> torch.Tensor:
     """A tensor or array of records `(N, ...)` as float32 on CPU (where the pipeline keeps records)."""
-    if isinstance(values, np.ndarray):
-        values = torch.from_numpy(values)
-    if not isinstance(values, torch.Tensor):
-        raise MiaGenError(f"{argument} must be a torch.Tensor or a numpy array of shape (N, ...), "
-                          f"got {type(values).__name__}.")
+    values = as_float_tensor(values, argument)
     if values.ndim < 2:
         raise MiaGenError(f"{argument} must have shape (N, ...) with one record per row, got {tuple(values.shape)}; "
                           "add a leading axis for a single record (x[None]).")
-    if values.is_complex() or values.dtype == torch.bool:
-        raise MiaGenError(f"{argument} must hold real numbers, got dtype {values.dtype}.")
-    if values.dtype == torch.uint8:
-        raise MiaGenError(f"{argument} are uint8; images are floats in [-1, 1] inside mia-gen: pass x / 127.5 - 1.")
-    return values.detach().to("cpu", torch.float32)
+    return values
 
 
 def _as_store(samples: Any) -> SampleStore:

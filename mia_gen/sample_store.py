@@ -506,7 +506,7 @@ class InMemorySampleStore(SampleStore):
 
     def __init__(self, samples: Any, latents: Any = None, *, storage_dtype: str = "float32",
                  metadata: dict[str, Any] | None = None):
-        samples = _as_float_tensor(samples, "samples")
+        samples = as_float_tensor(samples, "samples")
         if samples.ndim < 2 or len(samples) == 0:
             raise MiaGenError(
                 f"samples must have shape (N, *sample_shape) with N >= 1, got {tuple(samples.shape)}; "
@@ -526,7 +526,7 @@ class InMemorySampleStore(SampleStore):
         arrays = {"samples": encode_samples(samples, storage_dtype)}
         latent_dim = None
         if latents is not None:
-            latents = _as_float_tensor(latents, "latents")
+            latents = as_float_tensor(latents, "latents")
             if latents.ndim != 2 or len(latents) != len(samples):
                 raise MiaGenError(
                     f"latents must have shape (N, latent_dim) = ({len(samples)}, latent_dim), one row per "
@@ -561,7 +561,7 @@ class InMemorySampleStore(SampleStore):
         """Nothing to check: the arrays never left memory."""
 
 
-def _as_float_tensor(values: Any, what: str) -> torch.Tensor:
+def as_float_tensor(values: Any, what: str) -> torch.Tensor:
     """A tensor or array as a float32 CPU tensor (a copy, so later edits of `values` do not leak in)."""
     if isinstance(values, np.ndarray):
         values = torch.from_numpy(np.asarray(values))
