@@ -5,6 +5,11 @@ K shadow (reference) models' `shadows` `(K, N[, Q])`, with the zoo's IN/OUT matr
 `(K, N)` (`mia_gen.zoo`). Here a statistic is a loss or a distance (e.g. the denoising loss): a
 member has a LOWER value. Every score is "higher = more likely a member" (DESIGN.md).
 
+LiRA has two estimators. `estimator="reference"` (the default) computes what the paper's code
+computes (tensorflow/privacy `research/mi_lira_2021/plot.py`, `generate_ours` and
+`generate_ours_offline`): medians and np.std over the same number of shadows for every record, a
+two-sided offline test. `estimator="unbiased"`: sample means, ddof=1 variances, a one-sided offline test.
+
 A record that cannot be scored (no OUT shadow, no IN shadow online, one shadow on a side with
 per-record variances) gets a NaN score and a reason (`ShadowScores.reasons`), and the call warns
 with the counts (`UnscoredRecordsWarning`); no record is scored from a degenerate Gaussian.
@@ -23,9 +28,13 @@ from scipy.stats import norm
 
 from mia_gen.errors import MiaGenError
 
-# Variance floor (squared units of the statistic): a record whose shadows agree exactly (a duplicated
-# record, a perfectly memorised one) keeps a finite, very narrow Gaussian rather than a division by 0.
+ESTIMATORS = ("reference", "unbiased")
+
+# Variance floor of the "unbiased" estimator (squared units of the statistic): a record whose shadows
+# agree exactly (a duplicated record, a perfectly memorised one) keeps a finite, very narrow Gaussian.
 MIN_VARIANCE = 1e-12
+# What the reference code adds to every standard deviation (plot.py: `std + 1e-30`).
+REFERENCE_STD_EPSILON = 1e-30
 
 NO_IN = "no IN shadow"
 NO_OUT = "no OUT shadow"
@@ -55,71 +64,163 @@ class ShadowScores:
 
 # ---- LiRA ------------------------------------------------------------------------------------------
 def lira_online(target: np.ndarray, shadows: np.ndarray, membership: np.ndarray, *,
-                global_variance: bool = False, min_variance: float = MIN_VARIANCE) -> ShadowScores:
+                estimator: str = "reference", global_variance: bool = False,
+                min_variance: float | None = None) -> ShadowScores:
     """LiRA online (Carlini et al., S&P'22, Algorithm 1 with the IN and OUT fits).
 
-    For each record r and query q, Gaussians are fitted to the shadows' statistic over the IN and the
-    OUT shadows: mu_in, s_in^2 (sample mean and variance, ddof=1) and mu_out, s_out^2. The score is the
-    log-likelihood ratio of the observed statistic `o = target[r, q]`,
+    For each record r and query q, Gaussians N(mu_in, s_in^2) and N(mu_out, s_out^2) are fitted to the
+    shadows' statistic over the IN and the OUT shadows; the score is the log-likelihood ratio of the
+    observed statistic `o = target[r, q]`, averaged over the Q queries (as the paper's code averages
+    over augmentations):
 
-        LLR_q = log N(o; mu_in, s_in^2) - log N(o; mu_out, s_out^2),
+        LLR = mean_q [ log N(o; mu_in, s_in^2) - log N(o; mu_out, s_out^2) ].
 
-    averaged over the Q queries (as the paper's code averages over augmentations; this is the
-    log-likelihood ratio of a diagonal Q-variate Gaussian, divided by Q: the same ranking). It needs no
-    sign convention: a member's loss is near mu_in whichever side mu_in lies. (The paper's code fits
-    the median and np.std, ddof=0; here the mean and ddof=1, so one shadow on a side is "no variance".)
+    It needs no sign convention: a member's loss is near mu_in whichever side mu_in lies.
+
+    `estimator="reference"` (default) is `generate_ours` of the paper's code
+    (tensorflow/privacy `research/mi_lira_2021/plot.py`): every record keeps its FIRST n_in IN shadows
+    and first n_out OUT shadows in model order, n_in / n_out the smallest IN / OUT count over the
+    records; mu = the median, s = np.std (ddof=0) + 1e-30 over those shadows. With `global_variance`
+    (the code's `fix_variance`), s_in = s_out = np.std of ALL the kept IN values (all records, shadows
+    and queries, so it includes the spread between records; the code takes the IN values for s_out too,
+    and so do we). It differs from the code
+    only in that (1) a record with no IN or no OUT shadow, or only one on a side with per-record
+    variances (std 0), is reported (NaN, reason, warning) instead of the code's NaN / infinite scores,
+    and (2) n_in and n_out are the smallest counts over the SCORED records only, so an unscored record
+    does not shrink every record's fit to 0 or 1 shadows.
+
+    `estimator="unbiased"`: mu = the sample mean, s^2 = the ddof=1 variance over all the side's
+    shadows (no truncation), floored at `min_variance`. With `global_variance`, one variance per side
+    and query pooled over the records: the squared deviations from each record's own mean, summed, over
+    sum_r (n_r - 1).
 
     Args:
         target: `(N,)` or `(N, Q)`, the target model's statistic (e.g. a loss; Q queries such as
             timesteps or noise draws).
         shadows: `(K, N)` or `(K, N, Q)`, the shadows' statistic on the same records and queries.
         membership: bool `(K, N)`, True where record r is in shadow k's training set.
-        global_variance: one variance per side (and query) pooled over all records (the paper's
-            "global variance" for few shadows): the squared deviations from each record's own mean,
-            summed, over sum_r (n_r - 1); per-record means are kept. (The paper's code takes np.std of
-            all values, which adds the spread between records.) A record then needs >= 1 shadow a side.
-        min_variance: the variance floor (> 0, squared units of the statistic).
+        estimator: "reference" or "unbiased" (above).
+        global_variance: one standard deviation per side instead of one per record (the paper's "global
+            variance", for few shadows); a record then needs >= 1 shadow a side instead of >= 2.
+        min_variance: "unbiased" only: the variance floor (> 0, squared units of the statistic; None =
+            `MIN_VARIANCE`). The reference estimator adds 1e-30 to the std instead and refuses a value.
     """
-    target, shadows, membership = _check_inputs(target, shadows, membership, min_variance)
-    fit_in, reason_in = _fit(shadows, membership, global_variance, min_variance, "IN")
-    fit_out, reason_out = _fit(shadows, ~membership, global_variance, min_variance, "OUT")
-    reasons = np.array(["; ".join(r for r in pair if r) for pair in zip(reason_in, reason_out)], dtype=object)
-    llr = (norm.logpdf(target, fit_in[0], np.sqrt(fit_in[1]))
-           - norm.logpdf(target, fit_out[0], np.sqrt(fit_out[1])))
+    target, shadows, membership = _check_inputs(target, shadows, membership)
+    floor = _check_estimator(estimator, min_variance, None)
+    if estimator == "reference":
+        (fit_in, fit_out), reasons = _fit_reference(shadows, membership, global_variance, online=True)
+    else:
+        fit_in, reason_in = _fit_unbiased(shadows, membership, global_variance, floor, "IN")
+        fit_out, reason_out = _fit_unbiased(shadows, ~membership, global_variance, floor, "OUT")
+        reasons = _join(reason_in, reason_out)
+    llr = norm.logpdf(target, *fit_in) - norm.logpdf(target, *fit_out)
     return _finish(llr.mean(axis=1), reasons, "LiRA online")
 
 
 def lira_offline(target: np.ndarray, shadows: np.ndarray, membership: np.ndarray, *,
-                 global_variance: bool = False, min_variance: float = MIN_VARIANCE,
-                 members_lower: bool = True) -> ShadowScores:
-    """LiRA offline (Carlini et al., S&P'22, Algorithm 1 offline): a one-sided test against the OUT fit.
+                 estimator: str = "reference", global_variance: bool = False,
+                 min_variance: float | None = None, members_lower: bool | None = None) -> ShadowScores:
+    """LiRA offline (Carlini et al., S&P'22, Algorithm 1 offline): a test against the OUT fit alone.
 
-    The paper's offline score for a statistic where members are HIGHER (its logit-scaled confidence)
-    is Lambda = 1 - Pr[Z > o], Z ~ N(mu_out, s_out^2). Here statistics are losses, members LOWER
-    (`members_lower=True`), so Lambda = Pr[Z >= o]: the chance that a model without the record fits it
-    at least as badly. The score is -log(1 - Lambda), i.e.
+    `estimator="reference"` (default) is `generate_ours_offline` of the paper's code
+    (tensorflow/privacy `research/mi_lira_2021/plot.py`), a two-sided test: the score is
+
+        mean_q [ -log N(o; mu_out, s_out^2) ],
+
+    high when `o` lies far from the OUT fit in either direction. The OUT fit is as in `lira_online`
+    (first n_out OUT shadows in model order, median, np.std + 1e-30); with `global_variance` s_out is
+    np.std of ALL the kept OUT values. Differences from the code: as in `lira_online`, over the OUT side.
+
+    `estimator="unbiased"`: the OUT fit of `lira_online`'s "unbiased" estimator, and the paper's
+    one-sided test. The paper's Lambda for a statistic where members are HIGHER is 1 - Pr[Z > o],
+    Z ~ N(mu_out, s_out^2); for a loss (members LOWER) it is Pr[Z >= o]. The score is -log(1 - Lambda):
 
         members_lower:  -log Pr[Z <= o] = -log Phi((o - mu_out) / s_out)
         otherwise:      -log Pr[Z >= o] = -log Phi((mu_out - o) / s_out),
 
-    a strictly increasing function of Lambda (same ranking) that keeps its resolution for the strongest
-    members, where the low-FPR metrics are decided. Q queries: the mean of the per-query scores, i.e.
-    Fisher's combination -2 sum_q log p_q of the one-sided p-values, divided by 2Q.
+    a strictly increasing function of Lambda that keeps its resolution for the strongest members, where
+    the low-FPR metrics are decided. Q queries: the mean of the per-query scores, i.e. Fisher's
+    combination -2 sum_q log p_q of the one-sided p-values, divided by 2Q.
 
     Args:
-        target, shadows, membership, global_variance, min_variance: as in `lira_online` (only the OUT
-            shadows are used; a record needs >= 2 of them, or >= 1 with `global_variance`).
-        members_lower: True for a loss / distance, False for a statistic where members are higher.
+        target, shadows, membership, estimator, global_variance, min_variance: as in `lira_online`
+            (only the OUT shadows are used; a record needs >= 2 of them, or >= 1 with `global_variance`).
+        members_lower: "unbiased" only: True (None = True) for a loss / distance, False for a statistic
+            where members are higher. The reference test is two-sided and refuses a value.
     """
-    target, shadows, membership = _check_inputs(target, shadows, membership, min_variance)
-    (mu_out, var_out), reasons = _fit(shadows, ~membership, global_variance, min_variance, "OUT")
-    z = (target - mu_out) / np.sqrt(var_out)
-    return _finish(-norm.logcdf(z if members_lower else -z).mean(axis=1), reasons, "LiRA offline")
+    target, shadows, membership = _check_inputs(target, shadows, membership)
+    floor = _check_estimator(estimator, min_variance, members_lower)
+    if estimator == "reference":
+        (_, (mu_out, s_out)), reasons = _fit_reference(shadows, membership, global_variance, online=False)
+        return _finish(-norm.logpdf(target, mu_out, s_out).mean(axis=1), reasons, "LiRA offline")
+    (mu_out, s_out), reasons = _fit_unbiased(shadows, ~membership, global_variance, floor, "OUT")
+    z = (target - mu_out) / s_out
+    lower = members_lower is None or members_lower
+    return _finish(-norm.logcdf(z if lower else -z).mean(axis=1), reasons, "LiRA offline")
 
 
-def _fit(shadows: np.ndarray, side: np.ndarray, global_variance: bool, min_variance: float,
-         side_name: str) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
-    """Per-record Gaussian fits `(mean, variance)`, each `(N, Q)`, over the shadows where `side` is True
+def _check_estimator(estimator: str, min_variance: float | None, members_lower: bool | None) -> float:
+    """The variance floor of the "unbiased" estimator; refuses settings the chosen estimator ignores."""
+    if estimator not in ESTIMATORS:
+        raise MiaGenError(f"LiRA's estimator must be one of {', '.join(map(repr, ESTIMATORS))}, got {estimator!r}.")
+    if estimator == "reference":
+        for name, value in (("min_variance", min_variance), ("members_lower", members_lower)):
+            if value is not None:
+                raise MiaGenError(
+                    f"LiRA's {name} applies to estimator='unbiased' only; the reference estimator (the paper's "
+                    "code) adds 1e-30 to the std and tests offline two-sided. Drop it or set estimator='unbiased'.")
+        return 0.0
+    if min_variance is None:
+        return MIN_VARIANCE
+    if not (np.isfinite(min_variance) and min_variance > 0):
+        raise MiaGenError(f"LiRA's min_variance must be a positive number, got {min_variance!r}.")
+    return float(min_variance)
+
+
+def _fit_reference(shadows: np.ndarray, membership: np.ndarray, global_variance: bool, online: bool):
+    """The reference code's fits `((mu_in, s_in), (mu_out, s_out))`, each `(N, Q)` (the IN fit None offline),
+    and the reasons `(N,)`. Unscored records get NaN fits."""
+    need = 1 if global_variance else 2
+    reasons_out = _count_reasons((~membership).sum(axis=0), need, NO_OUT, ONE_OUT)
+    reasons = _join(_count_reasons(membership.sum(axis=0), need, NO_IN, ONE_IN), reasons_out) if online else reasons_out
+    scored = reasons == ""
+    if not scored.any():  # _finish refuses
+        nan = np.full(shadows.shape[1:], np.nan)
+        return ((nan, nan) if online else None, (nan, nan)), reasons
+    kept_out = _first_shadows(shadows, ~membership, scored)
+    mu_out, s_out = np.median(kept_out, axis=0), np.std(kept_out, axis=0)
+    fit_in = None
+    if online:
+        kept_in = _first_shadows(shadows, membership, scored)
+        mu_in, s_in = np.median(kept_in, axis=0), np.std(kept_in, axis=0)
+        if global_variance:  # plot.py: std_in = std_out = np.std(dat_in)
+            s_in = s_out = np.full(s_in.shape, np.std(kept_in[:, scored]))
+        fit_in = (mu_in, s_in + REFERENCE_STD_EPSILON)
+    elif global_variance:
+        s_out = np.full(s_out.shape, np.std(kept_out[:, scored]))
+    return (fit_in, (mu_out, s_out + REFERENCE_STD_EPSILON)), reasons
+
+
+def _first_shadows(shadows: np.ndarray, side: np.ndarray, scored: np.ndarray) -> np.ndarray:
+    """`(n, N, Q)`: for each record its first n shadows (model order) where `side` is True, n the smallest
+    such count over the `scored` records (the reference code's truncation). Unscored records may hold
+    other shadows' values; callers mask them."""
+    n = int(side.sum(axis=0)[scored].min())
+    first = np.argsort(~side, axis=0, kind="stable")[:n]  # (n, N): the side's shadows first, in model order
+    return np.take_along_axis(shadows, first[:, :, None], axis=0)
+
+
+def _count_reasons(count: np.ndarray, need: int, none: str, one: str) -> np.ndarray:
+    return np.where(count == 0, none, np.where(count >= need, "", one)).astype(object)
+
+
+def _join(reasons_in: np.ndarray, reasons_out: np.ndarray) -> np.ndarray:
+    return np.array(["; ".join(r for r in pair if r) for pair in zip(reasons_in, reasons_out)], dtype=object)
+
+
+def _fit_unbiased(shadows: np.ndarray, side: np.ndarray, global_variance: bool, min_variance: float,
+                  side_name: str) -> tuple[tuple[np.ndarray, np.ndarray], np.ndarray]:
+    """Per-record Gaussian fits `(mean, std)`, each `(N, Q)`, over the shadows where `side` is True
     (the `side_name` shadows, "IN" or "OUT"), and the reasons `(N,)` ("" where the fit is usable).
     Unusable fits are NaN."""
     count = side.sum(axis=0)  # (N,)
@@ -139,10 +240,10 @@ def _fit(shadows: np.ndarray, side: np.ndarray, global_variance: bool, min_varia
             usable = count >= 2
             variance = squares / (count[:, None] - 1)
     none, one = (NO_IN, ONE_IN) if side_name == "IN" else (NO_OUT, ONE_OUT)
-    reasons = np.where(count == 0, none, np.where(usable, "", one))
-    variance = np.where(usable[:, None], np.maximum(variance, min_variance), np.nan)
+    reasons = _count_reasons(count, 1 if global_variance else 2, none, one)
+    std = np.where(usable[:, None], np.sqrt(np.maximum(variance, min_variance)), np.nan)
     mean = np.where(usable[:, None], mean, np.nan)
-    return (mean, variance), reasons
+    return (mean, std), reasons
 
 
 # ---- RMIA ------------------------------------------------------------------------------------------
@@ -245,10 +346,8 @@ def _log_marginal(log_probs: np.ndarray, membership: np.ndarray | None, offline_
 
 
 # ---- shared checks ---------------------------------------------------------------------------------
-def _check_inputs(target, shadows, membership, min_variance: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _check_inputs(target, shadows, membership) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """target `(N, Q)`, shadows `(K, N, Q)` float64 and membership bool `(K, N)`, checked."""
-    if not (np.isfinite(min_variance) and min_variance > 0):
-        raise MiaGenError(f"LiRA's min_variance must be a positive number, got {min_variance!r}.")
     target = np.asarray(target, dtype=np.float64)
     shadows = np.asarray(shadows, dtype=np.float64)
     if target.ndim == 1:
