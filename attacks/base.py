@@ -38,6 +38,9 @@ class AttackContext:
     conditions: the queries' conditions for a conditional denoiser, aligned with `queries` (class ids
         `torch.Tensor` of shape `(Q,)` int64: the records' class labels, which the attacker holding a
         record knows, never the membership label); None for an unconditional model.
+    captions (`list[str]`): the queries' captions, aligned with `queries`, only for a text-conditioned
+        diffusion model (`conditions` then holds their text embeddings); attacks that weaken captions (CLiD)
+        embed their variants with `denoiser.text_conditions`.
     labelled_subset (`(positions, labels)`): only for attacks that learn from labels (e.g. SecMI-NNs):
         positions into `queries` and their member labels; evaluation drops these records.
     reference (`torch.Tensor` of shape `(R, ...)`): only when the attack needs reference data.
@@ -47,6 +50,17 @@ class AttackContext:
     groups (`{n: np.ndarray of shape (G, n)}`): only for attacks that decide groups of records jointly
         (`Attack.group_draw`, co-membership): rows of positions into `queries`, each all members or all
         non-members, shuffled together and unlabelled (drawn by the pipeline, labelled again only in `evaluate`).
+    shadow_models (`list[AttackContext]`): only for attacks that need a shadow zoo (`needs_shadow_models`):
+        the same queries seen through each trained shadow model (same kind and training recipe as the
+        target, each trained on a random half of the zoo's population, `mia_gen.zoo`), in zoo order.
+    shadow_membership (`np.ndarray` bool of shape `(K, Q)`): with `shadow_models`, whether query q is in
+        the training set of shadow k (the zoo's IN/OUT matrix, which the attacker drew: not the target's
+        membership).
+    shadow_indices (`list[int]`): each shadow's index in the zoo (a zoo may be incomplete: the pipeline
+        hands over the trained shadows only and warns with the count).
+    population (`AttackContext`): only for attacks that compare each query with population records z
+        (`needs_population`, RMIA): the split's reference records (never evaluated, IN no shadow) seen
+        through the same model as this context (the target's, or a shadow's in `shadow_models`).
     """
 
     queries: torch.Tensor
@@ -56,17 +70,24 @@ class AttackContext:
     discriminator: Optional[torch.nn.Module] = None
     denoiser: Optional[torch.nn.Module] = None
     conditions: Optional[torch.Tensor] = None
+    captions: Optional[list[str]] = None
     labelled_subset: Optional[tuple[np.ndarray, np.ndarray]] = None
     reference: Optional[torch.Tensor] = None
     reference_model: Optional["AttackContext"] = None
     groups: Optional[dict[int, np.ndarray]] = None
+    shadow_models: Optional[list["AttackContext"]] = None
+    shadow_membership: Optional[np.ndarray] = None
+    shadow_indices: Optional[list[int]] = None
+    population: Optional["AttackContext"] = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
 
 
 @dataclass
 class AttackOutput:
-    """scores (`np.ndarray` of shape `(Q,)`, float64): higher means "more likely a member".
+    """scores (`np.ndarray` of shape `(Q,)`, float64): higher means "more likely a member". NaN only
+        where `info["unscored"]` says why (a shadow-model attack that cannot fit a record, e.g. one that
+        is never OUT of a shadow); evaluation leaves those records out and reports them.
 
     neighbour_indices (`np.ndarray` of shape `(Q, k)`, optional): indices into the sample store of each
         query's nearest generated samples, used for the nearest-neighbour picture.
@@ -122,6 +143,8 @@ class Attack:
     needs_reference_data: bool = False  # subclasses may make this a property of their config
     needs_labelled_subset: bool = False  # learns from a labelled part of the queries (then excluded)
     needs_reference_model: bool = False  # compares against a model trained the same way on reference data
+    needs_shadow_models: bool = False  # reads a zoo of shadow models (AttackContext.shadow_models)
+    needs_population: bool = False  # compares with population records z (AttackContext.population)
 
     @property
     def uses_samples(self) -> bool:
@@ -165,11 +188,28 @@ class Attack:
                 f"attack '{self.name}' returned scores of shape {scores.shape} for "
                 f"{len(context.queries)} queries; this is a bug in the attack."
             )
+        declared = (output.info.get("unscored") or {}).get("positions", [])
+        if not np.array_equal(np.flatnonzero(np.isnan(scores)), np.sort(np.asarray(declared, dtype=np.int64))):
+            raise RuntimeError(
+                f"attack '{self.name}' returned NaN scores other than the records it declares unscored "
+                "(info['unscored']['positions']); this is a bug in the attack."
+            )
         output.scores = scores
         return output
 
     def check_context(self, context: AttackContext) -> None:
         """Fail early, with the fix, when the pipeline could not provide what the attack needs."""
+        if self.needs_shadow_models and len(context.shadow_models or []) < 2:
+            raise MiaGenError(
+                f"attack '{self.name}' needs a zoo of at least 2 trained shadow models, got "
+                f"{len(context.shadow_models or [])}; set zoo.n_shadows (e.g. 8) and train the zoo with "
+                "`mia-gen-train -m <same overrides> zoo.index='range(0,8)'` (or let `mia-gen` train it)."
+            )
+        if self.needs_population and (context.population is None or len(context.population.queries) == 0):
+            raise MiaGenError(
+                f"attack '{self.name}' compares each record with population records z (the split's reference "
+                "records, IN no shadow); set split.n_reference > 0."
+            )
         if context.samples is None and self.uses_samples:
             raise MiaGenError(
                 f"attack '{self.name}' needs a store of generated samples; run the sample stage "
@@ -190,6 +230,40 @@ class Attack:
                     f"samples have shape {sample_shape}; make `data.resolution` / `data.channels` "
                     "match the model that produced the samples."
                 )
+
+
+class WrapperAttack(Attack):
+    """An attack built on another attack's per-record scores (its `attack` and `params` settings): it sees
+    what the wrapped attack sees, and the wrapped attack's code is part of its scores' identity."""
+
+    def __init__(self, **params: Any):
+        super().__init__(**params)
+        if self.attack == self.name:
+            raise MiaGenError(f"{self.name} cannot wrap itself; set attack.{self.name}.attack to another attack.")
+        self.inner = build_attack(str(self.attack), dict(self.params or {}))
+        self.config["params"] = {k: v for k, v in self.inner.config.items() if k != "_target_"}
+
+    @property
+    def access(self):
+        return self.inner.access
+
+    @property
+    def uses_samples(self) -> bool:
+        return self.inner.uses_samples
+
+    @property
+    def needs_reference_data(self) -> bool:
+        return self.inner.needs_reference_data
+
+    @property
+    def needs_labelled_subset(self) -> bool:
+        return self.inner.needs_labelled_subset
+
+    def check_split_sizes(self, n_members: int, n_non_members: int) -> None:
+        self.inner.check_split_sizes(n_members, n_non_members)
+
+    def code_versions(self) -> dict[str, int]:
+        return {**self.inner.code_versions(), self.name: self.version}
 
 
 def build_attack(name: str, params: Optional[dict] = None) -> Attack:

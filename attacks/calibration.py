@@ -11,12 +11,12 @@ the same queries against it (`AttackContext.reference_model`).
 
 from __future__ import annotations
 
-from mia_gen.attacks.base import Attack, AttackContext, AttackOutput, build_attack, register_attack
+from mia_gen.attacks.base import AttackContext, AttackOutput, WrapperAttack, register_attack
 from mia_gen.errors import MiaGenError
 
 
 @register_attack
-class Calibration(Attack):
+class Calibration(WrapperAttack):
     name = "calibration"
     defaults = {
         "attack": "latent_inversion",  # the wrapped attack's registered name
@@ -26,35 +26,6 @@ class Calibration(Attack):
         "reference_checkpoint": None,  # a trained reference model to use instead of training one
     }
     needs_reference_model = True
-
-    def __init__(self, **params):
-        super().__init__(**params)
-        if self.attack == self.name:
-            raise MiaGenError("calibration cannot wrap itself; set attack.calibration.attack to another attack.")
-        self.inner = build_attack(str(self.attack), dict(self.params or {}))
-        self.config["params"] = {k: v for k, v in self.inner.config.items() if k != "_target_"}
-
-    @property
-    def access(self):
-        return self.inner.access
-
-    @property
-    def uses_samples(self) -> bool:
-        return self.inner.uses_samples
-
-    @property
-    def needs_reference_data(self) -> bool:
-        return self.inner.needs_reference_data
-
-    @property
-    def needs_labelled_subset(self) -> bool:
-        return self.inner.needs_labelled_subset
-
-    def check_split_sizes(self, n_members: int, n_non_members: int) -> None:
-        self.inner.check_split_sizes(n_members, n_non_members)
-
-    def code_versions(self) -> dict[str, int]:
-        return {**self.inner.code_versions(), self.name: self.version}
 
     def check_context(self, context: AttackContext) -> None:
         if context.reference_model is None:

@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import mia_gen
 from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, build_attack
-from mia_gen.datasets import load_dataset
+from mia_gen.datasets import load_dataset, require_captions
 from mia_gen.device import resolve_device
 from mia_gen.errors import CorruptStoreError, MiaGenError, MissingAssetError
 from mia_gen.groups import draw_groups
@@ -31,6 +31,7 @@ from mia_gen.locks import exclusive
 from mia_gen.provenance import code_versions
 from mia_gen.sample_store import SampleStore, import_samples, write_samples
 from mia_gen.splits import load_or_make_split, membership_source
+from mia_gen.zoo import ZooMembership, draw_zoo
 from mia_gen.models.checkpoint import STATE_JSON
 from mia_gen.models.defense import Defense, effective_training
 from mia_gen.models.factory import load_diffusion_denoiser, load_discriminator, load_generator, train_model
@@ -43,6 +44,9 @@ STAGES = ("train", "sample", "attack", "evaluate")
 # solved for the whole run) nor federated (its rounds split the planned steps).
 EXTENDABLE_DEFENSES = ("none", "weight_decay", "augmentation")
 LINEAGE_JSON = "lineage.json"
+# Written into a shadow model's directory once its training has finished: a zoo job killed mid-training
+# leaves none, so the shadow counts as missing (and resumes from its last checkpoint when trained again).
+FINISHED_JSON = "finished.json"
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
@@ -163,6 +167,13 @@ class Pipeline:
             # How the model is loaded (e.g. use_ema, prediction_type) matters; where it lies does not.
             loading = {k: v for k, v in OmegaConf.to_container(self.cfg.model, resolve=True).items()
                        if k != "checkpoint"}
+            if loading.get("lora"):  # an adapter overwritten at the same path is another model
+                lora = Path(loading["lora"]).expanduser().resolve()
+                if lora.is_dir():
+                    adapter = [*lora.glob("*.safetensors"), *lora.glob("*.json")]
+                else:  # a file, with peft's adapter_config.json beside it; a missing one fails at loading
+                    adapter = [lora, *lora.parent.glob("adapter_config.json")] if lora.is_file() else []
+                loading["lora"] = {"files": files_fingerprint(adapter)}
             if isinstance(self.model_dir, str):  # a hub id: its revision is what the hub serves
                 return config_hash({"hub_id": self.model_dir, "model": loading})
             # Weights may sit in subfolders (diffusers: unet/, unet_ema/, scheduler/).
@@ -302,6 +313,9 @@ class Pipeline:
             identity["labelled_subset"] = config_hash({"positions": positions.tolist(), "labels": labels.tolist()})
         if attack.needs_reference_model:
             identity["reference"] = self.reference_pipeline(attack).upstream_keys(attack)
+        if attack.needs_shadow_models:  # the zoo's matrix and every shadow model the scores read
+            identity["shadows"] = {"zoo": self.zoo_key, "models": {
+                str(k): self.shadow_pipeline(k).upstream_keys(attack) for k in self.trained_shadows()}}
         if attack.group_draw() is not None:  # group scores depend on the groups drawn
             identity["groups"] = config_hash({str(n): rows.tolist()
                                               for n, rows in self.groups(*attack.group_draw()).items()})
@@ -310,6 +324,10 @@ class Pipeline:
             # a class-conditional model is scored under each query's class label (`conditions`), and labels
             # are not part of every dataset's fingerprint (an image folder's come from its folder names)
             identity["query_labels"] = config_hash({"labels": self.query_labels.tolist()})
+        if (attack.access is Access.WHITE_BOX and self.cfg.model.family == "diffusion"
+                and self.records.has_captions):
+            # a text model is scored under each query's caption (keyed without loading the model, as labels are)
+            identity["query_captions"] = config_hash({"captions": self.records.captions(self.query_ids)})
         return identity
 
     def attack_key(self, name: str, attack: Attack) -> str:
@@ -425,11 +443,14 @@ class Pipeline:
             attack.check_split_sizes(len(self.split.members), len(self.split.non_members))
         return built
 
-    def context_for(self, attack: Attack, reference_model: bool = True) -> AttackContext:
-        """Hand the attack only what its threat model allows (and, for a calibrating attack, the same
-        view of its reference model unless `reference_model` is False)."""
+    def context_for(self, attack: Attack, reference_model: bool = True, shadows: bool = True,
+                    ids: np.ndarray | None = None) -> AttackContext:
+        """Hand the attack only what its threat model allows: the queries (or the records `ids`) seen
+        through this pipeline's model, and, unless switched off, the same view of its reference model
+        (`reference_model`) and of the zoo's shadow models and the population records (`shadows`)."""
+        ids = self.query_ids if ids is None else np.asarray(ids)
         context = AttackContext(
-            queries=self.records.get(self.query_ids), record_ids=self.query_ids,
+            queries=self.records.get(ids), record_ids=ids,
             samples=self.samples if attack.uses_samples else None,
             device=self.device, seed=int(self.cfg.seed),
         )
@@ -440,7 +461,9 @@ class Pipeline:
             context.discriminator = load_discriminator(self.cfg.model, self.model_dir, self.device)
         if attack.access is Access.WHITE_BOX and self.cfg.model.family == "diffusion":
             context.denoiser = self.denoiser
-            context.conditions = self.conditions(context.denoiser)
+            context.conditions = self.conditions(context.denoiser, ids)
+            if getattr(context.denoiser, "condition_kind", "none") == "text":
+                context.captions = self.records.captions(ids)
         if attack.needs_labelled_subset:
             context.labelled_subset = self.labelled_subset()
         if attack.needs_reference_data:
@@ -450,14 +473,45 @@ class Pipeline:
         if attack.needs_reference_model and reference_model:
             context.reference_model = self.reference_pipeline(attack).context_for(attack, reference_model=False)
             context.reference_model.labelled_subset = context.labelled_subset
+        if shadows and attack.needs_population:
+            context.population = self.population_view(attack)
+        if shadows and attack.needs_shadow_models:
+            indices = self.trained_shadows()
+            context.shadow_indices = list(indices)
+            context.shadow_models = []
+            for k in indices:
+                shadow = self.shadow_pipeline(k)
+                view = shadow.context_for(attack, reference_model=False, shadows=False, ids=ids)
+                if attack.needs_population:
+                    view.population = shadow.population_view(attack)
+                context.shadow_models.append(view)
+            context.shadow_membership = np.stack([np.isin(ids, self.zoo.training_records(k)) for k in indices]) \
+                if indices else np.zeros((0, len(ids)), dtype=bool)
         return context
 
-    def conditions(self, denoiser: torch.nn.Module) -> torch.Tensor | None:
-        """The queries' conditions for a conditional denoiser: their class labels (part of the record, which
-        the attacker knows; never the membership label); None for an unconditional one."""
+    def population_view(self, attack: Attack) -> AttackContext:
+        """The population records z of RMIA (the split's reference records: never evaluated, IN no shadow of a
+        zoo drawn on the split) seen through this pipeline's model."""
+        population = np.asarray(self.split.reference)
+        if attack.needs_shadow_models:
+            overlap = np.intersect1d(population, self.zoo.record_ids)
+            if overlap.size:
+                raise MiaGenError(
+                    f"the zoo's population holds {overlap.size} of the split's reference records, which attack "
+                    f"'{attack.name}' uses as population records z that no shadow trained on; draw the zoo on the "
+                    "split (drop zoo.path) or give a zoo file whose population excludes the reference records.")
+        return self.context_for(attack, reference_model=False, shadows=False, ids=population)
+
+    def conditions(self, denoiser: torch.nn.Module, ids: np.ndarray | None = None) -> torch.Tensor | None:
+        """The conditions of the queries (or of the records `ids`) for a conditional denoiser: their class
+        labels, or their captions' text embeddings `(N, L, D)` (`denoiser.text_conditions`); part of the
+        record, which the attacker knows, never the membership label. None for an unconditional one."""
         kind = getattr(denoiser, "condition_kind", "none")
         if kind == "none":
             return None
+        if kind == "text":  # records without captions stop with the ways to give them
+            require_captions(self.records, f"the text-conditioned diffusion model at {self.cfg.model.get('checkpoint')}")
+            return denoiser.text_conditions(self.records.captions(self.query_ids if ids is None else ids))
         if kind != "class":
             raise MiaGenError(f"the diffusion model takes {kind} conditions, which the pipeline cannot give yet.")
         if self.records.labels is None:
@@ -466,7 +520,9 @@ class Pipeline:
                 f"{self.records.name} has no class labels to condition it on; use a labelled dataset (digits, "
                 "mnist, cifar10, an image folder with one sub-folder per class) or an unconditional model."
             )
-        return self.query_labels.to(torch.int64)
+        if ids is None:
+            return self.query_labels.to(torch.int64)
+        return self.records.labels[torch.as_tensor(np.asarray(ids))].to(torch.int64)
 
     @cached_property
     def query_labels(self) -> torch.Tensor | None:
@@ -482,6 +538,66 @@ class Pipeline:
         if key not in cache:
             cache[key] = ReferencePipeline(self, attack.reference_size, attack.reference_checkpoint)
         return cache[key]
+
+    # ---- shadow zoo -----------------------------------------------------------------------
+    @property
+    def zoo_config(self):
+        return self.cfg.get("zoo") or {}
+
+    @cached_property
+    def zoo(self) -> ZooMembership:
+        """The zoo's IN/OUT matrix: `zoo.path`, or drawn on the split's members and non-members (every
+        evaluated record IN about half of the shadows) and kept as a file in the cache (`zoos/`)."""
+        zoo_cfg = self.zoo_config
+        if zoo_cfg.get("path"):
+            return ZooMembership.load(Path(zoo_cfg.path).expanduser(), self.records)
+        k = zoo_cfg.get("n_shadows")
+        if not k:
+            raise MiaGenError("this run needs a shadow-model zoo, but zoo.n_shadows is not set; set zoo.n_shadows=K "
+                              "(K >= 2, e.g. 8) or give a zoo file with zoo.path=<zoo.json>.")
+        seed = int(zoo_cfg.get("seed", self.cfg.seed))
+        path = self.cache_dir / "zoos" / ("zoo-" + config_hash({"split": self.split_key, "n_shadows": int(k),
+                                                                "seed": seed}) + ".json")
+        if path.is_file():
+            return ZooMembership.load(path, self.records)
+        zoo = draw_zoo(self.records, self.query_ids, int(k), seed=seed)
+        zoo.save(path)
+        return zoo
+
+    @cached_property
+    def zoo_key(self) -> str:
+        return config_hash(self.zoo.to_dict())
+
+    def shadow_pipeline(self, index) -> "ShadowPipeline":
+        """Shadow model `index` of the zoo (0 <= index < K)."""
+        if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or not 0 <= index < self.zoo.n_shadows:
+            raise MiaGenError(f"zoo.index={index!r} is not a shadow of this zoo; use an integer in "
+                              f"[0, {self.zoo.n_shadows}) (the zoo has zoo.n_shadows={self.zoo.n_shadows}).")
+        cache = self.__dict__.setdefault("_shadow_pipelines", {})
+        if index not in cache:
+            cache[int(index)] = ShadowPipeline(self, int(index))
+        return cache[int(index)]
+
+    def trained_shadows(self, train_missing: bool = False) -> list[int]:
+        """Indices of the zoo's trained shadows, after training the missing ones when `train_missing`. The
+        first call fixes the list for the run; fewer than the zoo's K is a warning with the count and the
+        command that trains the rest (the attacks then fit on the trained ones)."""
+        if "_trained_shadows" in self.__dict__:
+            return self.__dict__["_trained_shadows"]
+        k = self.zoo.n_shadows
+        if train_missing:
+            for index in range(k):
+                self.shadow_pipeline(index).train()
+        trained = [index for index in range(k) if self.shadow_pipeline(index).is_trained()]
+        if len(trained) < k:
+            log.warning(
+                "the shadow zoo is INCOMPLETE: %d of %d shadow models are trained (missing: %s); the shadow attacks "
+                "fit on these %d only. Train the rest with `mia-gen-train -m <the same overrides> "
+                "zoo.index='range(0,%d)'` (trained ones are skipped), or let `mia-gen` train them "
+                "(zoo.train_missing=true).", len(trained), k,
+                ", ".join(str(i) for i in range(k) if i not in trained), len(trained), k)
+        self.__dict__["_trained_shadows"] = trained
+        return trained
 
     def labelled_subset(self) -> tuple[np.ndarray, np.ndarray]:
         """A seeded share of the queries, with labels, for attacks that learn; evaluation drops it."""
@@ -523,6 +639,8 @@ class Pipeline:
         holds, in memory only, `file`: the name of the score file it came from or went to."""
         scored = {}
         for name, attack in self.attacks().items():
+            if attack.needs_shadow_models:  # which shadows exist is part of the scores' identity
+                self.trained_shadows(train_missing=bool(self.zoo_config.get("train_missing", True)) and not require_cached)
             identity = self.score_identity(name, attack)
             path = self.score_path(name, attack, identity)
             if path.is_file():
@@ -542,6 +660,8 @@ class Pipeline:
             started = time.perf_counter()
             output: AttackOutput = attack(context)
             seconds = time.perf_counter() - started
+            if attack.needs_shadow_models:
+                output.info["n_shadows_requested"] = self.zoo.n_shadows
             entry = {
                 "attack": name, "access": attack.access.value, "config": attack.config,
                 "record_ids": self.query_ids.tolist(), "scores": output.scores.tolist(),
@@ -614,6 +734,10 @@ class Pipeline:
             privacy = read_privacy_report(self.model_dir)
             if privacy is not None:
                 meta["privacy"] = privacy
+        if "_trained_shadows" in self.__dict__:  # a shadow attack ran (or read its cached scores)
+            meta["zoo"] = {"n_shadows": self.zoo.n_shadows, "trained": self.trained_shadows(),
+                           "zoo_key": self.zoo_key, "seed": self.zoo.seed,
+                           "population": len(self.zoo.record_ids)}
         if self.sample_dir.is_dir():
             store = SampleStore.open(self.sample_dir)
             meta["samples"] = {"n_samples": len(store), "dir": str(self.sample_dir),
@@ -631,6 +755,13 @@ class Pipeline:
         """Run up to and including `stage`, reusing every cached earlier stage."""
         if stage not in STAGES:
             raise MiaGenError(f"unknown stage '{stage}'; use one of {STAGES}.")
+        index = self.zoo_config.get("index")
+        if index is not None:  # one job of the zoo's multirun
+            if stage != "train":
+                raise MiaGenError(
+                    f"zoo.index={index} trains one shadow model of the zoo; run it with `mia-gen-train` (the zoo as "
+                    "a multirun: `mia-gen-train -m <overrides> zoo.index='range(0,K)'`), then attack without zoo.index.")
+            return self.shadow_pipeline(index).train()
         if stage == "train":
             return self.train()
         if stage == "sample":
@@ -644,20 +775,53 @@ class Pipeline:
 
 
 
-class ReferencePipeline(Pipeline):
-    """A model trained exactly as the target (same data, model, defense and training config) but on
-    reference records, disjoint from the members and the evaluated non-members; it scores the same
-    queries. Cached under its own keys (`reference-<model>-<key>`)."""
+class SameRecipePipeline(Pipeline):
+    """A model trained exactly as the target (same data, model, defense and training config) on other
+    records, seeing the same queries: a reference model or a shadow model. Cached under its own keys
+    (`<prefix>-<model>-<key>`), keyed by the records it trains on."""
 
-    training_role = "reference records"
+    prefix = ""  # "reference" or "shadow": names its model and sample directories
+    records_key = ""  # the name its training records have in the model key
 
-    def __init__(self, parent: Pipeline, size="members", checkpoint: str | None = None):
+    def __init__(self, parent: Pipeline, training_ids: np.ndarray):
         super().__init__(parent.cfg, parent.run_dir)
         self.parent = parent
-        self.checkpoint = checkpoint
         self.__dict__["records"] = parent.records
         self.__dict__["split"] = parent.split
         self.__dict__["query_ids"] = parent.query_ids
+        self._training_ids = np.asarray(training_ids)
+
+    @property
+    def training_ids(self) -> np.ndarray:
+        return self._training_ids
+
+    @cached_property
+    def model_dir(self) -> Path:
+        return self.cache_dir / "models" / f"{self.prefix}-{self.cfg.model.name}-{self.train_key}"
+
+    @cached_property
+    def train_key(self) -> str:
+        model, defense = self.trained_as
+        return config_hash({
+            "data": self.data_key, "fingerprint": self.records.fingerprint,
+            self.records_key: self.training_ids.tolist(), "model": model, "defense": defense,
+        })
+
+    @cached_property
+    def sample_dir(self) -> Path:
+        return self.cache_dir / "samples" / f"{self.prefix}-{self.cfg.model.name}-{self.sample_key}"
+
+    given_store = None  # a store given for the target (sampling.store) is not this model's
+
+
+class ReferencePipeline(SameRecipePipeline):
+    """The reference model of a calibrating attack: trained as the target on reference records, disjoint
+    from the members and the evaluated non-members (`reference-<model>-<key>`), or a given checkpoint."""
+
+    training_role = "reference records"
+    prefix, records_key = "reference", "reference_records"
+
+    def __init__(self, parent: Pipeline, size="members", checkpoint: str | None = None):
         if checkpoint is None and parent.cfg.model.get("checkpoint"):
             raise MiaGenError(
                 "calibration: the target model is a given checkpoint (model.checkpoint), so the reference "
@@ -679,11 +843,8 @@ class ReferencePipeline(Pipeline):
                 f"{len(reference)}; raise split.n_reference (e.g. split.n_reference={max(n, 1)}) or set "
                 "attack.<name>.reference_size lower."
             )
-        self._training_ids = reference[:n]
-
-    @property
-    def training_ids(self) -> np.ndarray:
-        return self._training_ids
+        super().__init__(parent, reference[:n])
+        self.checkpoint = checkpoint
 
     @cached_property
     def model_dir(self) -> Path:
@@ -695,18 +856,14 @@ class ReferencePipeline(Pipeline):
                     "reference records."
                 )
             return path
-        return self.cache_dir / "models" / f"reference-{self.cfg.model.name}-{self.train_key}"
+        return super().model_dir
 
     @cached_property
     def train_key(self) -> str:
         if self.checkpoint is not None:
             files = [*self.model_dir.rglob("*.safetensors"), *self.model_dir.rglob("*.json")]
             return config_hash({"reference_checkpoint": files_fingerprint(files)})
-        model, defense = self.trained_as
-        return config_hash({
-            "data": self.data_key, "fingerprint": self.records.fingerprint,
-            "reference_records": self.training_ids.tolist(), "model": model, "defense": defense,
-        })
+        return super().train_key
 
     def lineage_key(self) -> str | None:
         return None if self.checkpoint is not None else super().lineage_key()
@@ -719,8 +876,34 @@ class ReferencePipeline(Pipeline):
         self._train_locked()
         return self.model_dir
 
-    @cached_property
-    def sample_dir(self) -> Path:
-        return self.cache_dir / "samples" / f"reference-{self.cfg.model.name}-{self.sample_key}"
 
-    given_store = None  # a store given for the target (sampling.store) is not the reference model's
+class ShadowPipeline(SameRecipePipeline):
+    """Shadow model `index` of the zoo: trained as the target on the zoo's IN records for it
+    (`shadow-<model>-<key>`, keyed by those records, so a zoo drawn again the same way finds its shadows
+    trained). A finished one holds FINISHED_JSON; a killed one resumes from its last checkpoint."""
+
+    training_role = "zoo records"
+    prefix, records_key = "shadow", "shadow_records"
+
+    def __init__(self, parent: Pipeline, index: int):
+        if parent.cfg.model.get("checkpoint"):
+            raise MiaGenError(
+                f"shadow models are trained the same way as the target, but the target is a given checkpoint "
+                f"(model.checkpoint={parent.cfg.model.checkpoint}) whose recipe mia-gen does not know; train the "
+                "target with mia-gen (drop model.checkpoint) to attack it with shadow models.")
+        super().__init__(parent, parent.zoo.training_records(index))
+        self.index = index
+
+    def is_trained(self) -> bool:
+        return (self.model_dir / FINISHED_JSON).is_file()
+
+    def train(self) -> Path:
+        if self.is_trained():
+            log.info("train: shadow %d of %d is trained (%s)", self.index, self.parent.zoo.n_shadows, self.model_dir)
+            return self.model_dir
+        log.info("train: shadow %d of %d, %s on %d zoo records -> %s", self.index, self.parent.zoo.n_shadows,
+                 self.cfg.model.name, len(self.training_ids), self.model_dir)
+        self._train_locked()
+        _write_json_atomic(self.model_dir / FINISHED_JSON, {"train_key": self.train_key,
+                                                            "n_records": len(self.training_ids)})
+        return self.model_dir

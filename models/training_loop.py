@@ -23,6 +23,7 @@ tensors only, read with weights_only=True) and `trainer_state.json` (`step`, `co
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,8 @@ from tqdm.auto import tqdm
 from mia_gen.errors import MiaGenError
 from mia_gen.models.checkpoint import (STATE_PT, load_trainer_state, read_checkpoint_summary, save_checkpoint,
                                        verify_checkpoint)
+
+log = logging.getLogger(__name__)
 
 # Key order of trainer_state.pt and trainer_state.json: part of their bytes, whose sha256 the summary
 # records. "optimizers" stands for the trainer's optimiser entries, in its order.
@@ -173,6 +176,8 @@ def resume_step(out_dir: Path, plan: Plan, trainer: TrainingSteps) -> int:
         )
     verify_checkpoint(out_dir, summary, with_trainer_state=start < plan.target)
     trainer.load_weights(out_dir)
+    if 0 < start < plan.target:
+        log.info("train: resuming %s at step %d of %d from its checkpoint", out_dir, start, plan.target)
     return start
 
 

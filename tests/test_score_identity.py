@@ -36,8 +36,19 @@ ALLOWED = {
     "eps_method": ["median", "percentile", "fixed"], "timestep_convention": ["reference", "measured"],
     "classifier": ["resnet18", "small_cnn"], "sign": ["declared", "labelled_subset"],
 }
+# Where a setting's name means different things in different attacks: another allowed value, by attack.setting.
+ALLOWED_BY_ATTACK = {
+    "gsa.variant": ["gsa1", "gsa2"], "gsa.classifier": ["sklearn", "xgboost"], "gsa.standardize": ["per_model", "none"],
+    "lira.mode": ["online", "offline"], "rmia.mode": ["online", "offline"], "lira.estimator": ["reference", "unbiased"],
+    "lira.params": [None, {"n_draws": 2}], "rmia.params": [None, {"n_draws": 2}],
+    "lira.queries": [None, [{"timesteps": [50]}, {"timesteps": [200]}]],
+    "lira.attack": ["diffusion_loss", "pia"], "rmia.attack": ["diffusion_loss", "pia"],
+}
+# Settings a perturbed setting needs beside it to be valid, on both sides of the comparison.
+COMPANIONS = {"rmia.mode": {"offline_a": 0.3}}
 # A valid value for each setting whose default is None (reference_checkpoint: a directory, see below).
-INSTEAD_OF_NONE = {"params": {"iterations": 7}, "eps": 0.5, "max_generated": 500, "sweep_timesteps": [20, 40]}
+INSTEAD_OF_NONE = {"params": {"iterations": 7}, "eps": 0.5, "max_generated": 500, "sweep_timesteps": [20, 40],
+                   "timesteps": [10, 20], "offline_a": 0.3}
 # Evaluation settings that only change metrics: the attack stage never reads them (asserted below).
 METRICS_ONLY = {
     "alphas": "the FPRs at which TPR is reported",
@@ -47,9 +58,11 @@ METRICS_ONLY = {
 }
 
 
-def perturbed(setting: str, value, tmp_path: Path):
+def perturbed(setting: str, value, tmp_path: Path, attack: str = ""):
     """Another valid value of a setting: a listed alternative, int + 1, float * 1.5, a flipped bool, a
     list with its last element perturbed, or a value for a None default."""
+    if f"{attack}.{setting}" in ALLOWED_BY_ATTACK:
+        return next(other for other in ALLOWED_BY_ATTACK[f"{attack}.{setting}"] if other != value)
     if setting in ALLOWED:
         return next(other for other in ALLOWED[setting] if other != value)
     if setting == "reference_checkpoint" and value is None:
@@ -73,7 +86,7 @@ def perturbed(setting: str, value, tmp_path: Path):
 def base(tmp_path_factory):
     """The tiny run's config (with a tmp cache) and its records, loaded once for the module."""
     root = tmp_path_factory.mktemp("identity")
-    cfg = make_config(FAST, root / "cache")
+    cfg = make_config(FAST + ["zoo.n_shadows=4"], root / "cache")  # shadow attacks key the zoo (none trained)
     return cfg, Pipeline(cfg, root / "run").records
 
 
@@ -99,9 +112,10 @@ ATTACK_SETTINGS = [(name, setting) for name in sorted(ATTACKS) for setting in AT
 @pytest.mark.parametrize("name,setting", ATTACK_SETTINGS, ids=[f"{n}.{s}" for n, s in ATTACK_SETTINGS])
 def test_every_setting_of_every_attack_is_part_of_its_score_key(base, tmp_path, name, setting):
     pipeline = pipeline_for(base, tmp_path)
-    value = perturbed(setting, ATTACKS[name].defaults[setting], tmp_path)
-    assert pipeline.attack_key(name, build_attack(name, {setting: value})) != \
-        pipeline.attack_key(name, build_attack(name)), f"{name}.{setting}={value!r} reuses the default's scores"
+    value = perturbed(setting, ATTACKS[name].defaults[setting], tmp_path, name)
+    companions = COMPANIONS.get(f"{name}.{setting}", {})
+    assert pipeline.attack_key(name, build_attack(name, {**companions, setting: value})) != \
+        pipeline.attack_key(name, build_attack(name, companions)), f"{name}.{setting}={value!r} reuses the default's scores"
 
 
 def test_bumping_an_attacks_version_changes_the_keys_of_exactly_the_attacks_running_its_code(

@@ -1,0 +1,70 @@
+"""RMIA (Zarifzadeh et al., "Low-Cost High-Power Membership Inference Attacks", ICML'24) on any attack's
+per-record statistic, with the zoo's shadow models as reference models and the split's reference records
+as the population z.
+
+A record x scores the fraction of population records z it dominates: LR(x, z) = [Pr(x|theta) / Pr(x)] /
+[Pr(z|theta) / Pr(z)] >= gamma, where Pr(.|theta) is the target model's and Pr(.) the reference models'
+average. For a generative model, Pr(x|theta) = exp(-s / temperature) with s the statistic (the wrapped
+attack's score negated: a loss or a distance). Online, Pr(x) averages all shadows; offline only those
+that did not train on x, with the paper's linear correction `offline_a` (`attacks/shadow_stats.py`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from mia_gen.attacks.base import AttackContext, AttackOutput, WrapperAttack, register_attack
+from mia_gen.attacks.lira import MODES, shadow_info
+from mia_gen.attacks.shadow_stats import rmia
+from mia_gen.errors import MiaGenError
+
+
+@register_attack
+class RMIA(WrapperAttack):
+    name = "rmia"
+    defaults = {
+        "attack": "diffusion_loss",  # the attack whose (negated) score is the statistic s
+        "params": None,  # its parameters (its own defaults where not given)
+        "mode": "online",  # online: Pr(x) over all shadows | offline: over the OUT shadows, corrected by offline_a
+        "offline_a": None,  # offline only, in [0, 1]: required (the paper chooses it by attacking one reference
+        #                     model with the others; mia-gen never picks it on the evaluated records)
+        "gamma": 1.0,  # the pairwise likelihood-ratio threshold
+        "temperature": 1.0,  # Pr(x | theta) = exp(-s / temperature)
+    }
+    needs_shadow_models = True
+    needs_population = True
+
+    def __init__(self, **params):
+        super().__init__(**params)
+        if self.mode not in MODES:
+            raise MiaGenError(f"attack '{self.name}': mode must be one of {list(MODES)}, got {self.mode!r}.")
+        if self.mode == "offline" and (self.offline_a is None or isinstance(self.offline_a, bool)
+                                       or not 0.0 <= float(self.offline_a) <= 1.0):
+            raise MiaGenError(
+                f"attack '{self.name}': mode=offline needs offline_a in [0, 1] (the paper's a), got {self.offline_a!r}; "
+                "choose it without the evaluated records (the paper attacks one reference model with the others), "
+                "or use mode=online.")
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
+                or not float(self.temperature) > 0:
+            raise MiaGenError(f"attack '{self.name}': temperature must be a positive number, got {self.temperature!r}.")
+        if self.inner.needs_labelled_subset or self.inner.group_draw() is not None \
+                or self.inner.needs_reference_model or self.inner.needs_shadow_models:
+            raise MiaGenError(
+                f"attack '{self.name}' compares per-record statistics across models; '{self.attack}' learns from "
+                "labels, decides groups or needs its own reference or shadow models: wrap a per-record attack "
+                "(e.g. diffusion_loss, pia, secmi_stat, latent_inversion).")
+
+    def score(self, context: AttackContext) -> AttackOutput:
+        def statistic(view: AttackContext) -> np.ndarray:
+            return -self.inner(view).scores
+
+        target, target_z = statistic(context), statistic(context.population)
+        shadows = np.stack([statistic(view) for view in context.shadow_models])
+        shadows_z = np.stack([statistic(view.population) for view in context.shadow_models])
+        temperature = float(self.temperature)
+        fit = rmia(target, shadows, target_z, shadows_z, membership=context.shadow_membership,
+                   offline_a=None if self.mode == "online" else float(self.offline_a), gamma=float(self.gamma),
+                   log_probability=lambda s: -s / temperature)
+        info = shadow_info(fit, context, self.attack, -target)
+        info.update(mode=self.mode, n_population=len(target_z))
+        return AttackOutput(scores=fit.scores, info=info)
