@@ -46,22 +46,28 @@ class _Epsilon(nn.Module):
         super().__init__()
         self.denoiser = denoiser
 
-    def forward(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None = None) -> torch.Tensor:
+        args = (x_t, t) if condition is None else (x_t, t, condition)
         if isinstance(self.denoiser, Denoiser):
-            return self.denoiser.epsilon(x_t, t, grad=True)  # its default runs under no_grad
-        return self.denoiser.epsilon(x_t, t)
+            return self.denoiser.epsilon(*args, grad=True)  # its default runs under no_grad
+        return self.denoiser.epsilon(*args)
 
 
-def denoising_loss_fn(denoiser: nn.Module) -> LossFn:
+def denoising_loss_fn(denoiser: nn.Module, condition: torch.Tensor | None = None) -> LossFn:
     """The GSA loss of any model with the Denoiser interface (`epsilon`, `alphas_cumprod`):
-    loss_fn(params, x0, t, noise) = (1/k) sum_i L_i, with params keyed as `denoiser.named_parameters()`."""
+    loss_fn(params, x0, t, noise) = (1/k) sum_i L_i, with params keyed as `denoiser.named_parameters()`.
+
+    condition: ONE record's condition (e.g. a 0-d class id) shared by every record the loss is applied to,
+    or None for an unconditional model. It is a constant, not vmapped: the Denoiser checks its value.
+    """
     wrapper = _Epsilon(denoiser)
 
     def loss_fn(params: dict[str, torch.Tensor], x0: torch.Tensor, t: torch.Tensor,
                 noise: torch.Tensor) -> torch.Tensor:
         x0_jobs = x0.unsqueeze(0).expand(len(t), *x0.shape)
         x_t = forward_noise(x0_jobs, t, noise, denoiser.alphas_cumprod)
-        predicted = torch.func.functional_call(wrapper, {f"denoiser.{k}": v for k, v in params.items()}, (x_t, t))
+        args = (x_t, t) if condition is None else (x_t, t, condition.expand(len(t), *condition.shape))
+        predicted = torch.func.functional_call(wrapper, {f"denoiser.{k}": v for k, v in params.items()}, args)
         return ((predicted - noise) ** 2).flatten(1).sum(dim=1).mean()
 
     return loss_fn
@@ -108,12 +114,14 @@ def gradient_norms(loss_fn: LossFn, params: dict[str, torch.Tensor], x0: torch.T
 
 def gsa_features(denoiser: nn.Module, x0: torch.Tensor, record_ids: np.ndarray, seed: int,
                  timesteps: Sequence[int], variant: str = "gsa1", batch_size: int = 16,
-                 device: torch.device | str = "cpu") -> tuple[np.ndarray, list[str]]:
+                 device: torch.device | str = "cpu",
+                 conditions: torch.Tensor | None = None) -> tuple[np.ndarray, list[str]]:
     """GSA features of records under one diffusion model (the target or a shadow).
 
     Args:
         denoiser: a model with the Denoiser interface; used in eval mode.
-        x0: `(N, C, H, W)` records in [-1, 1].
+        x0: `(N, C, H, W)` records in [-1, 1], mapped by `denoiser.to_x0` when it has one (a latent model's
+            VAE latents; noise then in the latents' shape).
         record_ids: `(N,)` their dataset ids: record n's noise at timestep i is draw i of
             `record_noise([record_ids[n]], seed, k, ...)`, the same under every model (common random
             numbers between the target and its shadows).
@@ -121,20 +129,38 @@ def gsa_features(denoiser: nn.Module, x0: torch.Tensor, record_ids: np.ndarray, 
         timesteps: the k timesteps, the same for every record (e.g. evenly spaced over [0, T)).
         variant, batch_size: see `gradient_norms`.
         device: where the gradients are computed: the model's device.
+        conditions: `(N, ...)` the records' conditions for a conditional model (class ids `(N,)` int64),
+            None for an unconditional one. Records are batched per distinct condition (each record's
+            gradient is its own: the grouping changes no feature).
 
     Returns:
         features `(N, P)` float64 and the P parameter names (the layers).
     """
     denoiser.eval()
+    x0 = denoiser.to_x0(x0.float()) if hasattr(denoiser, "to_x0") else x0  # a latent model's VAE latents
     timesteps_tensor = torch.as_tensor(list(timesteps), dtype=torch.int64)
     noise = record_noise(np.asarray(record_ids), seed, len(timesteps_tensor), tuple(x0.shape[1:]))
     params = dict(denoiser.named_parameters())
-    features = gradient_norms(denoising_loss_fn(denoiser), params, x0.float().to(device),
-                              timesteps_tensor.to(device), noise.to(device), variant, batch_size)
+    x0, timesteps_tensor, noise = x0.float().to(device), timesteps_tensor.to(device), noise.to(device)
+    if conditions is None:
+        features = gradient_norms(denoising_loss_fn(denoiser), params, x0, timesteps_tensor, noise, variant,
+                                  batch_size)
+        return features.numpy(), list(params)
+    conditions = torch.as_tensor(conditions)
+    if conditions.dim() == 0 or len(conditions) != len(x0):
+        raise MiaGenError(f"GSA: conditions must hold one condition per record ({len(x0)}), got shape "
+                          f"{tuple(conditions.shape)}.")
+    features = torch.empty(len(x0), len(params), dtype=torch.float64)
+    values, group = torch.unique(conditions, dim=0, return_inverse=True)
+    for g, value in enumerate(values):
+        rows = torch.nonzero(group == g).flatten()
+        features[rows] = gradient_norms(denoising_loss_fn(denoiser, value.to(device)), params, x0[rows.to(device)],
+                                        timesteps_tensor, noise[rows.to(device)], variant, batch_size)
     return features.numpy(), list(params)
 
 
-def fit_gsa_classifier(features: np.ndarray, labels: np.ndarray, backend: str = "sklearn", seed: int = 0) -> Any:
+def fit_gsa_classifier(features: np.ndarray, labels: np.ndarray, backend: str = "sklearn", seed: int = 0,
+                       n_estimators: int = 200) -> Any:
     """GSA's classifier: gradient-boosted trees on shadow models' features, label 1 = IN, 0 = OUT.
 
     backend "sklearn" (the default, always installed): `HistGradientBoostingClassifier`; "xgboost" (the
@@ -145,6 +171,8 @@ def fit_gsa_classifier(features: np.ndarray, labels: np.ndarray, backend: str = 
         features: `(n, P)` float, e.g. stacked `gsa_features` of each shadow's records.
         labels: `(n,)` bool / {0, 1}, whether the record was in that shadow's training set.
         seed: the classifier's random_state.
+        n_estimators: boosting rounds (trees per class): XGBoost's `n_estimators` (GSA's code: 200),
+            `HistGradientBoostingClassifier(max_iter=...)` without early stopping.
     """
     features = np.asarray(features, dtype=np.float64)
     labels = np.asarray(labels)
@@ -159,10 +187,11 @@ def fit_gsa_classifier(features: np.ndarray, labels: np.ndarray, backend: str = 
     if backend == "sklearn":
         from sklearn.ensemble import HistGradientBoostingClassifier
 
-        return HistGradientBoostingClassifier(random_state=seed).fit(features, labels)
+        return HistGradientBoostingClassifier(max_iter=n_estimators, early_stopping=False,
+                                              random_state=seed).fit(features, labels)
     if backend == "xgboost":
         xgboost = require("xgboost", feature="GSA's classifier=xgboost")
-        return xgboost.XGBClassifier(random_state=seed).fit(features, labels)
+        return xgboost.XGBClassifier(n_estimators=n_estimators, random_state=seed).fit(features, labels)
     raise MiaGenError(f"GSA classifier backend must be one of {list(BACKENDS)}, got {backend!r}.")
 
 

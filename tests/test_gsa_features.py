@@ -27,13 +27,13 @@ TIMESTEPS = [5, 300, 700]
 SEED = 3
 
 
-def tiny_unet():
+def tiny_unet(**kwargs):
     from diffusers import UNet2DModel
 
     torch.manual_seed(0)
     return UNet2DModel(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
                        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-                       norm_num_groups=4, dropout=0.5)  # dropout: GSA must run the model in eval mode
+                       norm_num_groups=4, dropout=0.5, **kwargs)  # dropout: GSA must run the model in eval mode
 
 
 def alphas_cumprod() -> torch.Tensor:
@@ -58,18 +58,19 @@ def records(n=5):
     return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
 
 
-def loop_reference(unet, x0, record_ids, timesteps, variant):
+def loop_reference(unet, x0, record_ids, timesteps, variant, class_labels=None):
     """One backward pass per record (per timestep for GSA2), norms read from `.grad`."""
     unet.eval()
     a = alphas_cumprod()
     rows = []
-    for x, record_id in zip(x0, record_ids):
+    for n, (x, record_id) in enumerate(zip(x0, record_ids)):
         noise = torch.randn(len(timesteps), 1, 8, 8, generator=record_generator(SEED, int(record_id)))
+        label = {} if class_labels is None else {"class_labels": class_labels[n:n + 1]}
 
         def loss_at(i):
             t = timesteps[i]
             x_t = (a[t].sqrt() * x + (1 - a[t]).sqrt() * noise[i]).float()[None]
-            return ((unet(x_t, torch.tensor([t])).sample[0] - noise[i]) ** 2).sum()
+            return ((unet(x_t, torch.tensor([t]), **label).sample[0] - noise[i]) ** 2).sum()
 
         def norms(loss):
             unet.zero_grad()
@@ -104,6 +105,21 @@ def test_any_model_with_the_denoiser_interface_works_and_batches_do_not_matter()
     np.testing.assert_allclose(plain, loop_reference(unet, x0, ids, TIMESTEPS, "gsa1"), rtol=1e-4, atol=1e-6)
     alone, _ = gsa_features(PlainDenoiser(unet), x0[3:4], ids[3:4], SEED, TIMESTEPS, batch_size=1)
     np.testing.assert_allclose(alone[0], plain[3], rtol=1e-4, atol=1e-6)
+
+
+def test_class_conditional_features_use_each_records_label():
+    """Records are batched per class; each record's gradient is taken at its own label."""
+    unet = tiny_unet(num_class_embeds=3)
+    denoiser = Denoiser(unet, alphas_cumprod(), (1, 8, 8), condition_kind="class", num_classes=3)
+    x0, ids, labels = records(), np.array([4, 9, 1, 30, 2]), torch.tensor([2, 0, 2, 1, 0])
+    features, _ = gsa_features(denoiser, x0, ids, SEED, TIMESTEPS, batch_size=1, conditions=labels)
+    np.testing.assert_allclose(features, loop_reference(unet, x0, ids, TIMESTEPS, "gsa1", labels),
+                               rtol=1e-4, atol=1e-6)
+    as_zero, _ = gsa_features(denoiser, x0, ids, SEED, TIMESTEPS, conditions=torch.zeros(5, dtype=torch.int64))
+    np.testing.assert_allclose(as_zero[[1, 4]], features[[1, 4]], rtol=1e-4, atol=1e-6)  # label 0 already
+    assert not np.allclose(as_zero[[0, 2, 3]], features[[0, 2, 3]], rtol=1e-3)
+    with pytest.raises(MiaGenError, match="one condition per record"):
+        gsa_features(denoiser, x0, ids, SEED, TIMESTEPS, conditions=labels[:3])
 
 
 def test_gsa1_and_gsa2_by_definition():
@@ -144,7 +160,7 @@ def test_classifier_learns_in_from_out_on_shadow_features():
         classifier = fit_gsa_classifier(train_features, train_labels, seed=0)
         shuffled = fit_gsa_classifier(train_features, np.random.default_rng(2).permutation(train_labels), seed=0)
         again = fit_gsa_classifier(train_features, train_labels, seed=0)
-    assert isinstance(classifier, HistGradientBoostingClassifier)
+    assert isinstance(classifier, HistGradientBoostingClassifier) and classifier.max_iter == 200  # GSA's 200 trees
     scores = gsa_scores(classifier, test_features)
     assert scores.shape == (200,) and scores.dtype == np.float64
     assert roc_auc_score(test_labels, scores) > 0.95
@@ -158,9 +174,11 @@ def test_xgboost_backend_is_an_extra(monkeypatch):
     with pytest.raises(MissingExtraError, match=r'pip install "mia-gen\[gsa\]"'):
         fit_gsa_classifier(features, labels, backend="xgboost")
     fake = types.ModuleType("xgboost")
-    fake.XGBClassifier = lambda random_state: HistGradientBoostingClassifier(random_state=random_state, max_iter=7)
+    fake.XGBClassifier = lambda n_estimators, random_state: HistGradientBoostingClassifier(
+        max_iter=n_estimators, random_state=random_state)
     monkeypatch.setitem(sys.modules, "xgboost", fake)
-    assert fit_gsa_classifier(features, labels, backend="xgboost").max_iter == 7
+    assert fit_gsa_classifier(features, labels, backend="xgboost", n_estimators=7).max_iter == 7
+    assert fit_gsa_classifier(features, labels, backend="xgboost").max_iter == 200  # GSA's code: 200 trees
 
 
 def test_bad_classifier_inputs_are_refused():
