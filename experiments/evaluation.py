@@ -10,6 +10,7 @@ import csv
 import json
 import logging
 import os
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -20,12 +21,16 @@ from mia_gen.errors import MiaGenError
 from mia_gen.groups import per_record_average
 from mia_gen.metrics import auc, calibrated_sign, evaluate_scores, group_auc, roc_points
 from mia_gen.experiments.report import (
+    ShadowROC,
     format_results_table,
     plot_group_auc,
     plot_nearest_neighbours,
     plot_roc,
+    plot_roc_shadows,
     plot_score_histograms,
     plot_timestep_sweep,
+    shadows_text,
+    unscored_lines,
     write_report,
 )
 from mia_gen.experiments.tracking import make_tracker
@@ -33,7 +38,8 @@ from mia_gen.experiments.tracking import make_tracker
 log = logging.getLogger(__name__)
 
 # Per-record detail an attack keeps in its cached scores, not copied into results.json.
-_BULKY_INFO = ("sweep", "trained_on", "target_scores", "reference_scores", "groups", "group_scores")
+_BULKY_INFO = ("sweep", "trained_on", "target_scores", "reference_scores", "groups", "group_scores", "unscored",
+               "base")
 # Where an attack's score direction comes from (`evaluation.sign`; DESIGN.md "Sign is fixed before evaluation").
 SIGN_SOURCES = ("declared", "labelled_subset")
 
@@ -64,36 +70,90 @@ def sign_mode(evaluation) -> str:
     return mode
 
 
+def _unscored(entry: dict) -> tuple[np.ndarray, list[str]]:
+    """The positions an attack declares unscored (`info["unscored"]`) and one reason each."""
+    unscored = entry["info"].get("unscored") or {}
+    positions = np.asarray(unscored.get("positions", []), dtype=np.int64)
+    reasons = [str(reason) for reason in unscored.get("reasons", [])]
+    n = len(entry["record_ids"])
+    if len(reasons) != len(positions) or ((positions < 0) | (positions >= n)).any():
+        raise MiaGenError(
+            f"attack '{entry.get('attack')}': info['unscored'] must give one reason per position, each position "
+            f"in [0, {n}); got {len(positions)} position(s) and {len(reasons)} reason(s). The score file is "
+            "malformed: delete it so that the attack scores again."
+        )
+    return positions, reasons
+
+
 def evaluated_part(entry: dict, labelled: tuple[np.ndarray, np.ndarray] | None = None) -> dict:
-    """The entry as it is evaluated: signed, and without the records its sign or scores were learnt on.
+    """The entry as it is evaluated: signed, and without the records its sign or scores were learnt on
+    or that it could not score.
 
     An attack that trained on a labelled subset (`info["trained_on"]` positions, e.g. SecMI-NNs)
     keeps its declared sign +1 and drops those records. Otherwise, given `labelled` = `(positions,
     labels)` (`Pipeline.labelled_subset()`: positions into the entry's records, `(K,)` each), the
-    sign is learnt there (`metrics.calibrated_sign`) and those records are dropped; without it the
-    declared sign +1 is kept and every record evaluated. The sign is fixed before any evaluated
-    record is seen (reading max(AUC, 1 - AUC) on them would be fitting on the test set).
+    sign is learnt there (`metrics.calibrated_sign`, on the labelled records that have a score) and
+    those records are dropped; without it the declared sign +1 is kept. The sign is fixed before any
+    evaluated record is seen (reading max(AUC, 1 - AUC) on them would be fitting on the test set).
+    The records the attack declares unscored (`info["unscored"]`: NaN scores, e.g. LiRA online for
+    a record never OUT of a shadow) are dropped too and counted; any other NaN is left for the
+    metrics to refuse.
 
     Returns:
         The entry with `record_ids`, `scores` (times the sign) and `neighbour_indices` cut to the
-        evaluated records, plus `kept` (their positions), `sign` (+1 / -1) and `sign_source`.
+        evaluated records, plus `kept` (their positions), `sign` (+1 / -1), `sign_source`,
+        `n_unscored` (records left out of the evaluation because they have no score; unscored records
+        of the labelled subset are not counted, it is not evaluated anyway), `unscored_reasons`
+        (`{reason: count}` of those), `unscored_record_ids`, and for a wrapper attack `base_scores`
+        (`info["base"]["scores"]` of the evaluated records, unsigned: higher = member).
     """
     n = len(entry["record_ids"])
     scores = np.asarray(entry["scores"], dtype=np.float64)
+    unscored, reasons = _unscored(entry)
     trained_on = entry["info"].get("trained_on")
     if trained_on or labelled is None:
         excluded, sign, source = np.asarray(trained_on or [], dtype=int), 1, "declared"
     else:
         positions, labels = labelled
         excluded, source = np.asarray(positions, dtype=int), "labelled_subset"
-        sign = calibrated_sign(labels, scores[excluded])
-    kept = np.setdiff1d(np.arange(n), excluded)
+        has_score = ~np.isin(excluded, unscored)
+        sign = calibrated_sign(np.asarray(labels)[has_score], scores[excluded][has_score])
+    dropped = ~np.isin(unscored, excluded)
+    kept = np.setdiff1d(np.arange(n), np.union1d(excluded, unscored))
+    ids = np.asarray(entry["record_ids"])
     part = {**entry, "kept": kept, "sign": sign, "sign_source": source,
-            "record_ids": np.asarray(entry["record_ids"])[kept].tolist(),
-            "scores": (sign * scores[kept]).tolist()}
+            "record_ids": ids[kept].tolist(), "scores": (sign * scores[kept]).tolist(),
+            "n_unscored": int(dropped.sum()),
+            "unscored_reasons": dict(Counter(reason for reason, drop in zip(reasons, dropped) if drop)),
+            "unscored_record_ids": ids[np.sort(unscored[dropped])].tolist()}
     if entry.get("neighbour_indices"):
         part["neighbour_indices"] = np.asarray(entry["neighbour_indices"])[kept].tolist()
+    base = entry["info"].get("base")
+    if base:
+        base_scores = np.asarray(base["scores"], dtype=np.float64)
+        if base_scores.shape != (n,):
+            raise MiaGenError(
+                f"attack '{entry.get('attack')}': its base statistic '{base.get('attack')}' has "
+                f"{base_scores.size} scores for {n} records; the score file is malformed: delete it so that "
+                "the attack scores again."
+            )
+        part["base_scores"] = base_scores[kept]
     return part
+
+
+def base_statistic(entry: dict, labels: np.ndarray, alphas: tuple[float, ...], n_bootstrap: int,
+                   seed: int) -> dict | None:
+    """A wrapper attack's base statistic (`info["base"]`, e.g. LiRA's diffusion loss on the target
+    model) evaluated on the same records as the attack, with the same metrics; None without one.
+
+    The base statistic is an attack of its own: its scores are read with its declared sign +1 (they
+    are higher = member already), whatever sign the wrapper's scores got. `entry` is an
+    `evaluated_part`, `labels` `(K,)` those of its evaluated records.
+    """
+    if entry.get("base_scores") is None:
+        return None
+    metrics = evaluate_scores(labels, entry["base_scores"], alphas=alphas, n_bootstrap=n_bootstrap, seed=seed)
+    return {"attack": entry["info"]["base"]["attack"], **metrics, "sign": 1, "sign_source": "declared"}
 
 
 def _most_exposed(labels: np.ndarray, scores: np.ndarray, n_rows: int) -> np.ndarray:
@@ -132,16 +192,24 @@ def write_outputs(pipeline, scored: dict[str, dict], on_written=None) -> list[di
     results, curves = [], {}
     labelled = pipeline.labelled_subset() if sign_mode(evaluation) == "labelled_subset" else None
     scored = {name: evaluated_part(entry, labelled) for name, entry in scored.items()}
-    sweeps, groups = {}, {}
+    sweeps, groups, shadow_curves = {}, {}, {}
+    settings = {"alphas": tuple(evaluation.alphas), "n_bootstrap": int(evaluation.n_bootstrap), "seed": int(cfg.seed)}
     for name, entry in scored.items():
         labels = labels_for(np.asarray(entry["record_ids"]), members)
         scores = np.asarray(entry["scores"], dtype=np.float64)
-        metrics = evaluate_scores(labels, scores, alphas=tuple(evaluation.alphas),
-                                  n_bootstrap=int(evaluation.n_bootstrap), seed=int(cfg.seed))
+        metrics = evaluate_scores(labels, scores, **settings)
         info = {k: v for k, v in entry["info"].items() if k not in _BULKY_INFO}
         result = {"attack": name, "access": entry["access"], **metrics, "sign": entry["sign"],
                   "sign_source": entry["sign_source"], "seconds": entry["seconds"],
+                  "n_unscored": entry["n_unscored"], "unscored_reasons": entry["unscored_reasons"],
+                  "unscored_record_ids": entry["unscored_record_ids"],
+                  **{key: info[key] for key in ("n_shadows", "n_shadows_requested") if key in info},
                   "config": entry["config"], "info": info}
+        base = base_statistic(entry, labels, **settings)
+        if base is not None:
+            result["base_statistic"] = base
+            shadow_curves[name] = ShadowROC(labels, scores, base["attack"], entry["base_scores"],
+                                            shadows_text(result))
         if entry["info"].get("sweep"):
             sweeps[name] = result["auc_by_timestep"] = {
                 str(t): auc(labels, entry["sign"] * np.asarray(values, dtype=np.float64)[entry["kept"]])
@@ -166,6 +234,9 @@ def write_outputs(pipeline, scored: dict[str, dict], on_written=None) -> list[di
     images = {"ROC (log-log)": "roc.png", "Score histograms": "score_histograms.png"}
     plot_roc(curves, run_dir / "roc.png")
     plot_score_histograms(curves, run_dir / "score_histograms.png")
+    if shadow_curves:
+        plot_roc_shadows(shadow_curves, run_dir / "roc_shadows.png")
+        images["ROC of each shadow-model attack beside its base statistic (log-log)"] = "roc_shadows.png"
     if sweeps:
         plot_timestep_sweep(sweeps, run_dir / "timestep_sweep.png")
         images["AUC against the diffusion timestep"] = "timestep_sweep.png"
@@ -192,6 +263,8 @@ def write_outputs(pipeline, scored: dict[str, dict], on_written=None) -> list[di
 
     _track(pipeline, results, curves, images, metadata, blind)
     print(format_results_table(results))
+    for line in unscored_lines(results):
+        print(line)
     if blind is not None:
         print(("\n!!! " if blind["shifted"] else "\n") + blind["message"])
     log.info("outputs in %s", run_dir)
@@ -228,7 +301,11 @@ def _track(pipeline, results: list[dict], curves: dict, images: dict[str, str], 
             summary[name] = {"auc": result["auc"], "asr": result["asr"],
                              "tpr_at_fpr": result["tpr_at_fpr"], "ci95": result["ci95"],
                              "sign": result["sign"], "sign_source": result["sign_source"],
-                             "seconds": result["seconds"]}
+                             "seconds": result["seconds"], "n_unscored": result["n_unscored"]}
+            summary[name].update({key: result[key] for key in ("n_shadows", "n_shadows_requested") if key in result})
+            if "base_statistic" in result:  # the statistic a shadow-model attack wraps, on the same records
+                summary[name]["base_statistic"] = {key: result["base_statistic"][key]
+                                                   for key in ("attack", "auc", "tpr_at_fpr")}
             fpr, tpr, _ = roc_points(*curves[name])
             tracker.log_roc(name, fpr, tpr)
         if blind is not None:

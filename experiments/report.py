@@ -10,6 +10,7 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -18,10 +19,14 @@ from mia_gen.errors import MiaGenError
 from mia_gen.metrics import auc, fpr_is_resolvable, roc_points, tpr_at_fpr
 
 __all__ = [
+    "ShadowROC",
     "format_results_table",
     "plot_nearest_neighbours",
     "plot_roc",
+    "plot_roc_shadows",
     "plot_score_histograms",
+    "shadows_text",
+    "unscored_lines",
     "write_report",
 ]
 
@@ -70,25 +75,41 @@ def plot_roc(curves: Curves, path) -> Path:
     return _save(_roc_figure(_check_curves(curves)), path)
 
 
-def _roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
-    n_members = [int((labels == 1).sum()) for labels, _ in curves.values()]
-    n_non_members = [int((labels == 0).sum()) for labels, _ in curves.values()]
-    fpr_floor = min(1e-4, 1.0 / max(max(n_non_members), 1))
-    tpr_floor = min(1e-4, 1.0 / max(max(n_members), 1))
+def _roc_legend(name: str, labels: np.ndarray, scores: np.ndarray, detail: str = "") -> str:
+    return (f"{name} ({detail}AUC {auc(labels, scores):.3f}, "
+            f"TPR@{_LEGEND_ALPHA:.0%}FPR {tpr_at_fpr(labels, scores, _LEGEND_ALPHA):.3f})")
 
+
+def _roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
     figure = Figure(figsize=(5.5, 5))
     ax = figure.subplots()
+    floors = _roc_floors(list(curves.values()))
     for name, (labels, scores) in curves.items():
-        fpr, tpr, _ = roc_points(labels, scores)
-        label = (
-            f"{name} (AUC {auc(labels, scores):.3f}, "
-            f"TPR@{_LEGEND_ALPHA:.0%}FPR {tpr_at_fpr(labels, scores, _LEGEND_ALPHA):.3f})"
-        )
-        # Straight segments between ROC points: a staircase, with diagonals only across ties.
-        ax.plot(np.maximum(fpr, fpr_floor), np.maximum(tpr, tpr_floor), label=label)
+        _roc_line(ax, labels, scores, floors, label=_roc_legend(name, labels, scores))
+    _finish_roc_axes(ax, list(curves.values()), floors, "ROC (log-log)")
+    return figure
+
+
+def _roc_floors(curves: Sequence[tuple[np.ndarray, np.ndarray]]) -> tuple[float, float]:
+    """The axes' lower ends: `min(1e-4, 1 / n)` with n the most non-members (FPR) / members (TPR)."""
+    n_members = max(int((labels == 1).sum()) for labels, _ in curves)
+    n_non_members = max(int((labels == 0).sum()) for labels, _ in curves)
+    return min(1e-4, 1.0 / max(n_non_members, 1)), min(1e-4, 1.0 / max(n_members, 1))
+
+
+def _roc_line(ax, labels: np.ndarray, scores: np.ndarray, floors: tuple[float, float], **style) -> None:
+    fpr, tpr, _ = roc_points(labels, scores)
+    # Straight segments between ROC points: a staircase, with diagonals only across ties.
+    ax.plot(np.maximum(fpr, floors[0]), np.maximum(tpr, floors[1]), **style)
+
+
+def _finish_roc_axes(ax, curves: Sequence[tuple[np.ndarray, np.ndarray]], floors: tuple[float, float],
+                     title: str) -> None:
+    """Chance line, the unresolvable FPR range shaded, log-log axes from the floors to 1, legend."""
+    fpr_floor, tpr_floor = floors
     chance = np.array([min(fpr_floor, tpr_floor), 1.0])
     ax.plot(chance, chance, linestyle="--", color="grey", linewidth=1, label="chance")
-    fpr_resolution = 1.0 / max(min(n_non_members), 1)
+    fpr_resolution = 1.0 / max(min(int((labels == 0).sum()) for labels, _ in curves), 1)
     if fpr_resolution > fpr_floor:
         # Below 1/n_non_members the evaluation has no ROC point other than FPR = 0.
         ax.axvspan(fpr_floor, fpr_resolution, color="grey", alpha=0.12, label="FPR < 1/n_non_members")
@@ -98,9 +119,55 @@ def _roc_figure(curves: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
     ax.set_ylim(tpr_floor, 1.0)
     ax.set_xlabel("false positive rate (non-members called members)")
     ax.set_ylabel("true positive rate (members found)")
-    ax.set_title("ROC (log-log)")
+    ax.set_title(title)
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="lower right", fontsize="small")
+
+
+class ShadowROC(NamedTuple):
+    """One shadow-model attack and the statistic it wraps, on the same evaluated records.
+
+    labels (`(N,)`, 1 = member): the records'; scores (`(N,)`): the attack's, higher = member;
+    base_attack: the base statistic's attack name (e.g. `diffusion_loss`); base_scores (`(N,)`): its scores
+    on the target model, higher = member; shadows: the shadows the scores used (`shadows_text`, "8" or "6 of 8").
+    """
+
+    labels: np.ndarray
+    scores: np.ndarray
+    base_attack: str
+    base_scores: np.ndarray
+    shadows: str
+
+
+def plot_roc_shadows(attacks: Mapping[str, ShadowROC], path) -> Path:
+    """Log-log ROC of each shadow-model attack (solid) beside its base statistic (dashed, same colour),
+    axes and chance line as in `plot_roc`: what the shadow models add at low FPR.
+
+    Args:
+        attacks: `{attack_name: ShadowROC}`, one attack at least.
+        path: the image file to write (e.g. `roc_shadows.png`).
+
+    Returns:
+        The path written.
+    """
+    if not attacks:
+        raise MiaGenError("No shadow-model attack to plot: pass {attack_name: ShadowROC(...)}, one at least.")
+    return _save(_roc_shadows_figure(attacks), path)
+
+
+def _roc_shadows_figure(attacks: Mapping[str, ShadowROC]) -> Figure:
+    figure = Figure(figsize=(5.5, 5))
+    ax = figure.subplots()
+    curves = [(_as_numpy(a.labels), _as_numpy(a.scores)) for a in attacks.values()]
+    floors = _roc_floors(curves)
+    for i, (name, attack) in enumerate(attacks.items()):
+        labels, scores = curves[i]
+        base_scores = _as_numpy(attack.base_scores)
+        _roc_line(ax, labels, scores, floors, color=f"C{i}",
+                  label=_roc_legend(name, labels, scores, detail=f"{attack.shadows} shadows; "))
+        _roc_line(ax, labels, base_scores, floors, color=f"C{i}", linestyle="--",
+                  label=_roc_legend(f"  base: {attack.base_attack}", labels, base_scores))
+    _finish_roc_axes(ax, curves, floors, "Shadow-model attacks beside their base statistic (log-log)")
     return figure
 
 
@@ -294,12 +361,24 @@ def _sign_text(result: Mapping) -> str:
     return f"{int(result['sign']):+d} ({result.get('sign_source', 'declared')})"
 
 
+def shadows_text(result: Mapping) -> str:
+    """The shadows an attack's scores used: `"8"`, `"6 of 8"` when fewer than requested (an incomplete
+    zoo), `"-"` for an attack without shadow models."""
+    n = result.get("n_shadows")
+    if n is None:
+        return "-"
+    requested = result.get("n_shadows_requested")
+    return f"{n} of {requested}" if requested is not None and int(requested) > int(n) else str(n)
+
+
 def format_results_table(results: Sequence[Mapping]) -> str:
     """One row per attack as an aligned markdown table (plain text in a terminal too).
 
     Args:
         results: entries of `results.json`: `evaluate_scores` output plus `"attack"`, and
-            optionally `"access"`, `"sign"` / `"sign_source"` and `"seconds"`.
+            optionally `"access"`, `"sign"` / `"sign_source"`, `"seconds"` and, for shadow-model
+            attacks, `"n_shadows"` / `"n_shadows_requested"` (then a `shadows` column follows the
+            TPR columns: `shadows_text`).
 
     Returns:
         The table; a TPR marked `*` has fewer than 1/alpha non-members behind it (not
@@ -315,7 +394,8 @@ def format_results_table(results: Sequence[Mapping]) -> str:
     alphas = sorted({float(key) for r in results for key in r["tpr_at_fpr"]}, reverse=True)
     header = ["attack", "access", "sign", "AUC [95% CI]", "ASR"]
     header += [f"TPR@{_alpha_label(a)}FPR" for a in alphas]
-    header += ["n_members", "n_non_members", "seconds"]
+    with_shadows = any(r.get("n_shadows") is not None for r in results)
+    header += ["shadows"] * with_shadows + ["n_members", "n_non_members", "seconds"]
     rows = []
     unresolvable = False
     for r in results:
@@ -333,6 +413,7 @@ def format_results_table(results: Sequence[Mapping]) -> str:
         seconds = r.get("seconds")
         rows.append(
             [str(r["attack"]), str(r.get("access", "-")), _sign_text(r), auc_text, f"{r['asr']:.3f}", *tprs]
+            + [shadows_text(r)] * with_shadows
             + [str(r["n_members"]), str(r["n_non_members"]), "-" if seconds is None else f"{seconds:.1f}"]
         )
     widths = [max(len(cell) for cell in column) for column in zip(header, *rows)]
@@ -362,6 +443,54 @@ _RUN_INFO_LABELS = {
 }
 
 
+def unscored_lines(results: Sequence[Mapping]) -> list[str]:
+    """One line per attack that left records unscored (`n_unscored` > 0), e.g. `lira: 3 of 320 records
+    not scored: 3 with no OUT shadow`; the count is of the records the attack was evaluated on or
+    would have been."""
+    lines = []
+    for r in results:
+        n_unscored = int(r.get("n_unscored") or 0)
+        if n_unscored:
+            total = int(r["n_members"]) + int(r["n_non_members"]) + n_unscored
+            reasons = ", ".join(f"{count} with {reason}" for reason, count in r.get("unscored_reasons", {}).items())
+            lines.append(f"{r['attack']}: {n_unscored} of {total} records not scored: {reasons}")
+    return lines
+
+
+def _shadow_lines(results: Sequence[Mapping]) -> list[str]:
+    """report.md's shadow-model section: each attack beside its base statistic (same records, same
+    metrics), and a warning for each attack whose zoo had fewer shadows than requested."""
+    shadowed = [r for r in results if r.get("n_shadows") is not None]
+    if not shadowed:
+        return []
+    alphas = sorted({float(key) for r in shadowed for key in r["tpr_at_fpr"]}, reverse=True)
+
+    def metrics(result: Mapping | None) -> list[str]:
+        if result is None:
+            return ["-"] * (1 + len(alphas))
+        tprs = {float(key): value for key, value in result["tpr_at_fpr"].items()}
+        marks = {a: "" if fpr_is_resolvable(a, result["n_non_members"]) else "*" for a in alphas}
+        return [f"{result['auc']:.3f}"] + [f"{tprs[a]:.3f}{marks[a]}" if a in tprs else "-" for a in alphas]
+
+    columns = ["AUC"] + [f"TPR@{_alpha_label(a)}FPR" for a in alphas]
+    lines = ["## Shadow-model attacks", "",
+             "Each attack beside the statistic it wraps (`base`, read with its own declared sign) on the same "
+             "records; `shadows`: the shadow models the scores used; (*) as in the table above.", "",
+             "| attack | shadows | " + " | ".join(columns) + " | base | " + " | ".join(f"base {c}" for c in columns)
+             + " |", "|---|---:|" + "---:|" * len(columns) + "---|" + "---:|" * len(columns)]
+    for r in shadowed:
+        base = r.get("base_statistic")
+        cells = [str(r["attack"]), shadows_text(r), *metrics(r), base["attack"] if base else "-", *metrics(base)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    incomplete = [r for r in shadowed if r.get("n_shadows_requested") is not None
+                  and int(r["n_shadows_requested"]) > int(r["n_shadows"])]
+    for r in incomplete:
+        lines.append(f"- **{r['attack']}**: incomplete zoo, its scores used {r['n_shadows']} of the "
+                     f"{r['n_shadows_requested']} shadow models requested; train the missing ones and score again.")
+    return lines + [""] * bool(incomplete)
+
+
 def _inline(value) -> str:
     """A run_info value on one line: mappings as `key=value, ...`."""
     if isinstance(value, Mapping):
@@ -386,7 +515,9 @@ def write_report(out_dir, results: Sequence[Mapping], run_info: Mapping, images:
     Args:
         out_dir: the run's output directory; `report.md` is written there and images are
             linked relative to it.
-        results: entries as for `format_results_table`; their `"warnings"` are listed.
+        results: entries as for `format_results_table`; their `"warnings"` are listed, and so are
+            records left unscored (`"n_unscored"`, `"unscored_reasons"`: `unscored_lines`) and shadow-model
+            attacks beside their `"base_statistic"`.
         run_info: facts about the run: `config_hash`, `model`, `dataset` (or `data`),
             `n_samples` (or `samples`) are shown first, then any other keys; mapping values
             are written inline as `key=value, ...`.
@@ -408,7 +539,13 @@ def write_report(out_dir, results: Sequence[Mapping], run_info: Mapping, images:
               "`sign`: the direction each attack's scores are read in, fixed before evaluation: `declared` by "
               "the attack, or learnt on the labelled calibration subset (`labelled_subset`), whose records "
               "are then not evaluated. No AUC is read as max(AUC, 1 - AUC).", ""]
-    lines += [format_results_table(results), ""] + _group_auc_lines(results)
+    lines += [format_results_table(results), ""]
+    unscored = unscored_lines(results)
+    if unscored:
+        lines += ["## Records not scored", "",
+                  "Left out of every metric above (the attack declares why it cannot score them):", "",
+                  *(f"- {line}" for line in unscored), ""]
+    lines += _shadow_lines(results) + _group_auc_lines(results)
     warnings = [f"- **{r['attack']}**: {w}" for r in results for w in r.get("warnings", [])]
     if warnings:
         lines += ["## Warnings", "", *warnings, ""]
