@@ -29,7 +29,7 @@ from test_utility import Store, digits  # noqa: F401  (a fixture)
 
 # every optional package, and the mia-gen modules that import one when they are imported
 EXTRA_PACKAGES = ("opacus", "flwr", "torch_fidelity", "faiss", "hydra_plugins.hydra_joblib_launcher",
-                  "hydra_plugins.hydra_submitit_launcher", "xgboost")
+                  "hydra_plugins.hydra_submitit_launcher", "xgboost", "transformers", "peft")
 IMPORTERS = ("mia_gen.models.federated",)
 DP_OVERRIDES = ["defense=dp_sgd", "model.discriminator._target_=mia_gen.models.dcgan.DCGANDiscriminatorGroupNorm"]
 

@@ -215,3 +215,26 @@ def test_killing_the_zoo_multirun_and_rerunning_it_trains_only_the_missing_shado
     assert "resuming" in log.split("shadow 2 of 4, dcgan")[1].split("shadow 3 of 4")[0]  # from its checkpoint
     assert pipe.trained_shadows() == [0, 1, 2, 3]
     assert {k: path.stat().st_mtime_ns for k, path in finished.items()} == stamps  # not retrained
+
+
+@pytest.mark.slow
+def test_the_ddpm_shadow_preset_runs_end_to_end_at_a_tiny_scale(tmp_path):
+    """experiment=shadow_ddpm_digits, shrunk: the zoo, LiRA online / offline, RMIA and GSA on one run."""
+    overrides = [
+        "experiment=shadow_ddpm_digits", "logger=none", "progress=false", "device=cpu", "threads=1",
+        "split.n_members=16", "split.n_non_members=16", "split.n_reference=16", "zoo.n_shadows=4",
+        "model.unet.block_out_channels=[8,16]", "model.unet.norm_num_groups=8", "model.training.steps=6",
+        "model.training.warmup_steps=1", "model.training.checkpoint_every=6", "model.training.sample_every=100",
+        "model.training.batch_size=16", "evaluation.n_bootstrap=20", "evaluation.blind_baseline=false",
+        "attack.diffusion_loss.n_draws=1", "attack.lira.params={n_draws:1}", "attack.gsa.n_timesteps=2",
+        "attack.gsa.n_estimators=10",
+    ]
+    pipe = Pipeline(make_config(overrides, tmp_path / "cache"), tmp_path / "run")
+    results = {r["attack"]: r for r in pipe.run()}
+    assert set(results) == {"diffusion_loss", "lira", "lira_offline", "rmia", "gsa"}
+    for name in ("lira", "lira_offline", "rmia", "gsa"):
+        assert results[name]["n_shadows"] == 4 and results[name]["n_shadows_requested"] == 4
+    assert results["lira"]["base_statistic"]["attack"] == "diffusion_loss"
+    assert results["lira"]["base_statistic"]["auc"] == pytest.approx(results["diffusion_loss"]["auc"])
+    assert (tmp_path / "run" / "roc_shadows.png").is_file()
+    assert "shadows" in (tmp_path / "run" / "report.md").read_text()
