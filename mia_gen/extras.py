@@ -21,6 +21,8 @@ EXTRAS = {
     "hydra_plugins.hydra_joblib_launcher": ("parallel", "hydra-joblib-launcher"),
     "hydra_plugins.hydra_submitit_launcher": ("slurm", "hydra-submitit-launcher"),
     "xgboost": ("gsa", "xgboost"),
+    "transformers": ("t2i", "transformers"),
+    "peft": ("t2i", "peft"),
 }
 
 
