@@ -4,7 +4,7 @@ A model fits its members' denoising loss best: the score is minus
 ||eps - eps_theta(sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t)||^2 (summed over pixels), averaged over
 the chosen timesteps and `n_draws` noise draws per record. The draws are a function of (seed, record
 id) and are shared by all timesteps (common random numbers, so a timestep sweep compares like with
-like).
+like). x0 is `denoiser.to_x0(record)`: the image, or a latent model's VAE latent (noise in its shape).
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
 from mia_gen.attacks.timesteps import (
     check_images, check_positive_int, check_timesteps, chunks, conditions_of, denoiser_of, epsilon_batched,
-    forward_noise, record_noise, repeat_conditions, sweep_list, sweep_scores,
+    forward_noise, record_noise, repeat_conditions, sweep_list, sweep_scores, x0_of,
 )
 
 
@@ -36,12 +36,13 @@ class DiffusionLoss(Attack):
         check_images(context.queries, denoiser, self.name)
         batch_size = check_positive_int(self.batch_size, "batch_size", self.name)
         n_draws = check_positive_int(self.n_draws, "n_draws", self.name)
-        queries, device = context.queries, context.device
+        device = context.device
+        records_x0 = x0_of(context.queries, denoiser, device)  # a latent model's VAE latents; noise in their shape
         conditions = conditions_of(context, self.name)
         n_jobs = len(timesteps) * n_draws  # per record, ordered (t, draw)
-        out = torch.empty(len(queries), len(timesteps), n_draws, dtype=torch.float64)
-        for part in chunks(len(queries), max(1, batch_size // n_jobs)):
-            x0 = queries[part].float().to(device)
+        out = torch.empty(len(records_x0), len(timesteps), n_draws, dtype=torch.float64)
+        for part in chunks(len(records_x0), max(1, batch_size // n_jobs)):
+            x0 = records_x0[part]
             n = len(x0)
             noise = record_noise(context.record_ids[part], context.seed, n_draws, x0.shape[1:]).to(device)
             x0_jobs = x0[:, None].expand(n, n_jobs, *x0.shape[1:]).reshape(-1, *x0.shape[1:])

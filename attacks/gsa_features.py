@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mia_gen.attacks.timesteps import chunks, forward_noise, record_noise
+from mia_gen.attacks.timesteps import chunks, forward_noise, record_noise, x0_of
 from mia_gen.errors import MiaGenError
 from mia_gen.extras import require
 from mia_gen.models.denoiser import Denoiser
@@ -137,7 +137,7 @@ def gsa_features(denoiser: nn.Module, x0: torch.Tensor, record_ids: np.ndarray, 
         features `(N, P)` float64 and the P parameter names (the layers).
     """
     denoiser.eval()
-    x0 = denoiser.to_x0(x0.float()) if hasattr(denoiser, "to_x0") else x0  # a latent model's VAE latents
+    x0 = x0_of(x0, denoiser, device)  # a latent model's VAE latents
     timesteps_tensor = torch.as_tensor(list(timesteps), dtype=torch.int64)
     noise = record_noise(np.asarray(record_ids), seed, len(timesteps_tensor), tuple(x0.shape[1:]))
     params = dict(denoiser.named_parameters())

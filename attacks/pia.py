@@ -4,6 +4,7 @@ eps0 = eps_theta(x0, 0) serves as the noise, x_t = sqrt(abar_t) x0 + sqrt(1 - ab
 score is -||eps0 - eps_theta(x_t, t)||_p (paper Eq. 9; the reference code ranks by the p-th power,
 the same order). Two model calls per record, no randomness. PIAN first rescales eps0 to a standard
 Gaussian's mean absolute value, eps0 * sqrt(2 / pi) / mean|eps0| (paper Eq. 10, as its code does).
+x0 is `denoiser.to_x0(record)`: the image, or a latent model's VAE latent.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import torch
 from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
 from mia_gen.attacks.timesteps import (
     check_images, check_positive_int, check_timesteps, chunks, conditions_of, denoiser_of, epsilon_batched,
-    forward_noise, full_t, repeat_conditions, sweep_list, sweep_scores,
+    forward_noise, full_t, repeat_conditions, sweep_list, sweep_scores, x0_of,
 )
 from mia_gen.errors import MiaGenError
 
@@ -47,11 +48,12 @@ class PIA(Attack):
         if isinstance(self.p, bool) or not isinstance(self.p, (int, float)) or not self.p >= 1:
             raise MiaGenError(f"{self.name}: p must be a number >= 1 (a norm), got {self.p!r}.")
         p = float(self.p)
-        queries, device, n_t = context.queries, context.device, len(timesteps)
+        device, n_t = context.device, len(timesteps)
+        records_x0 = x0_of(context.queries, denoiser, device)  # a latent model's VAE latents
         conditions = conditions_of(context, self.name)
-        out = torch.empty(len(queries), n_t, dtype=torch.float64)
-        for part in chunks(len(queries), max(1, batch_size // n_t)):
-            x0 = queries[part].float().to(device)
+        out = torch.empty(len(records_x0), n_t, dtype=torch.float64)
+        for part in chunks(len(records_x0), max(1, batch_size // n_t)):
+            x0 = records_x0[part]
             n = len(x0)
             condition = None if conditions is None else conditions[part]
             eps0 = epsilon_batched(denoiser, x0, full_t(0, n, device), batch_size, device, condition)

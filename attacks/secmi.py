@@ -4,6 +4,7 @@ Deterministic DDIM inversion carries x0 along 0 -> k -> 2k -> ... (x0 enters as 
 timestep 0, as in the reference code) up to the timestep measured, t_m; one DDIM step out to
 t_m + k and one back give x~_{t_m}. Members are reconstructed better. The t-error is
 ||x~_{t_m} - x_{t_m}||^2 summed over pixels (paper Eq. 9; the reference's `naive_statistic_attack`).
+x0 is `denoiser.to_x0(record)`: the image, or a latent model's VAE latent (then the maps are latent maps).
 
 Which timestep `t_sec` names (`timestep_convention`):
 - `reference` (default): `t_sec` is the reference script's `--t_sec`. Its inversion visits
@@ -31,7 +32,7 @@ from torch import nn
 from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
 from mia_gen.attacks.timesteps import (
     check_images, check_positive_int, check_timesteps, chunks, conditions_of, ddim_step, denoiser_of,
-    epsilon_batched, full_t, repeat_conditions, sweep_list, sweep_scores,
+    epsilon_batched, full_t, repeat_conditions, sweep_list, sweep_scores, x0_of,
 )
 from mia_gen.errors import MiaGenError
 
@@ -85,16 +86,18 @@ class SecMI(Attack):
         return t_sec, sweep
 
     def t_error_maps(self, context: AttackContext, timesteps: list[int]) -> torch.Tensor:
-        """|x~_t - x_t| per pixel at each measured timestep t (t -> t + k -> t), `(Q, len(timesteps), C, H, W)`
-        float32 on the CPU; `timesteps` are measured timesteps, ascending multiples of k."""
+        """|x~_t - x_t| per pixel of x0's space (a latent model's latents) at each measured timestep t
+        (t -> t + k -> t), `(Q, len(timesteps), C, H, W)` float32 on the CPU; `timesteps` are measured
+        timesteps, ascending multiples of k."""
         denoiser = denoiser_of(context, self.name)
         check_images(context.queries, denoiser, self.name)
         batch_size = check_positive_int(self.batch_size, "batch_size", self.name)
         abar, k, device, n_t = denoiser.alphas_cumprod, int(self.k), context.device, len(timesteps)
-        queries, conditions = context.queries, conditions_of(context, self.name)
-        out = torch.empty(len(queries), n_t, *queries.shape[1:])
-        for part in chunks(len(queries), max(1, batch_size // n_t)):
-            x = queries[part].float().to(device)
+        records_x0 = x0_of(context.queries, denoiser, device)  # a latent model's VAE latents
+        conditions = conditions_of(context, self.name)
+        out = torch.empty(len(records_x0), n_t, *records_x0.shape[1:])
+        for part in chunks(len(records_x0), max(1, batch_size // n_t)):
+            x = records_x0[part]
             n = len(x)
             condition = None if conditions is None else conditions[part]
             condition_jobs = repeat_conditions(condition, n_t)

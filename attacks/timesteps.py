@@ -8,7 +8,8 @@ The diffusion model is any `torch.nn.Module` with the `Denoiser` interface:
     alphas_cumprod (`torch.Tensor` of shape `(T,)`, float64), num_train_timesteps (T),
     sample_shape ((C, H, W)), epsilon(x_t, t[, condition]) -> eps with x_t `(N, C, H, W)`, t int64 `(N,)`
     and, for a conditional model only, one condition per image (`AttackContext.conditions`, sliced
-    and repeated exactly as the images are).
+    and repeated exactly as the images are). Optionally `to_x0(images)` and `image_shape`: the attacks
+    work on x0 = to_x0(queries) (a latent model's VAE latents), noise drawn in x0's shape.
 """
 
 from __future__ import annotations
@@ -166,11 +167,21 @@ def sweep_scores(sweep: list[int], score_at) -> dict[str, list[float]]:
 
 
 def check_images(queries: torch.Tensor, denoiser, attack_name: str) -> None:
-    """Query records must be `(Q, C, H, W)` images of the model's sample shape."""
-    expected = tuple(getattr(denoiser, "sample_shape", ()) or ())
+    """Query records must be `(Q, C, H, W)` images of the model's record shape (`image_shape`: a latent
+    model's VAE input; else `sample_shape`)."""
+    expected = tuple(getattr(denoiser, "image_shape", None) or getattr(denoiser, "sample_shape", ()) or ())
     if queries.dim() != 4 or (expected and tuple(queries.shape[1:]) != expected):
         raise MiaGenError(
             f"attack '{attack_name}': query records have shape {tuple(queries.shape[1:])} but the "
             f"diffusion model denoises images of shape {expected}; make `data.resolution` / "
             "`data.channels` match the model."
         )
+
+
+def x0_of(queries: torch.Tensor, denoiser, device) -> torch.Tensor:
+    """The records as x0, what the network denoises, float32 on `device`: `denoiser.to_x0(queries)` (the
+    images themselves for a pixel model; a latent model's VAE posterior mean times scaling_factor), or the
+    queries themselves for a model without `to_x0`."""
+    to_x0 = getattr(denoiser, "to_x0", None)
+    x0 = queries.float() if to_x0 is None else to_x0(queries.float())
+    return x0.float().to(device)

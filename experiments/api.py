@@ -46,18 +46,21 @@ def _device(device: str | torch.device | None) -> torch.device:
 
 def load_denoiser(path: str | os.PathLike, device: str | torch.device | None = None, *,
                   prediction_type: Optional[str] = None, use_ema: bool = True, allow_download: bool = False,
-                  betas: Optional[Mapping[str, Any]] = None) -> torch.nn.Module:
+                  betas: Optional[Mapping[str, Any]] = None,
+                  lora: str | os.PathLike | None = None) -> torch.nn.Module:
     """A diffusion model as the `mia_gen.models.denoiser.Denoiser` white-box attacks read, in eval mode.
 
     Args:
-        path: a diffusers pipeline directory (`model_index.json`, `unet/` [`unet_ema/`], `scheduler/`),
-            a bare UNet directory (`config.json` + safetensors; then give `betas`), or a hub id
-            (with `allow_download=True`, or already in the local Hugging Face cache).
+        path: a diffusers pipeline directory (`model_index.json`, `unet/` [`unet_ema/`], `scheduler/`; a
+            Stable Diffusion or DiT pipeline with its VAE, tokenizer and text encoder), a bare UNet directory
+            (`config.json` + safetensors; then give `betas`), or a hub id (with `allow_download=True`, or
+            already in the local Hugging Face cache).
         device: "cpu", "cuda", "cuda:N" or "auto"; None = "auto" (CUDA when available).
         prediction_type: None reads it from the scheduler; "epsilon" | "v_prediction" | "sample".
         use_ema: prefer `unet_ema/` when the pipeline has one (the weights SecMI and PIA attack).
         betas: the noise schedule of a bare UNet directory, e.g. `{"num_train_timesteps": 1000,
             "beta_schedule": "linear", "beta_start": 1e-4, "beta_end": 0.02}`.
+        lora: a LoRA adapter (its directory or `.safetensors` file) merged into the UNet (`model.lora`).
     """
     from mia_gen.models.denoiser import load_denoiser as load
 
@@ -70,7 +73,7 @@ def load_denoiser(path: str | os.PathLike, device: str | torch.device | None = N
             "(the one it was trained with), or pass the whole pipeline directory (with model_index.json)."
         )
     cfg = {"prediction_type": prediction_type, "use_ema": use_ema, "allow_download": allow_download,
-           "betas": None if betas is None else dict(betas)}
+           "betas": None if betas is None else dict(betas), "lora": None if lora is None else str(lora)}
     return load(cfg, path, _device(device))
 
 
@@ -150,7 +153,8 @@ def score(attack: str | Attack, records: Any, *, samples: Any = None, generator:
           discriminator: Optional[torch.nn.Module] = None, denoiser: Optional[torch.nn.Module] = None,
           reference: Any = None, record_ids: Any = None, device: str | torch.device | None = None, seed: int = 0,
           labelled_subset: Optional[tuple[Any, Any]] = None,
-          groups: Optional[Mapping[int, np.ndarray]] = None, conditions: Any = None) -> np.ndarray:
+          groups: Optional[Mapping[int, np.ndarray]] = None, conditions: Any = None,
+          captions: Optional[Sequence[str]] = None) -> np.ndarray:
     """Per-record membership scores, float64 `(N,)`: higher = more likely a member (every attack).
 
     Args:
@@ -172,6 +176,8 @@ def score(attack: str | Attack, records: Any, *, samples: Any = None, generator:
         groups (`{n: (G, n) positions}`): for `co_membership`, from `mia_gen.groups.draw_groups`.
         conditions (`(N,)` int class ids): for a class-conditional `denoiser`, each record's class label
             (part of the record, never its membership label), aligned with `records`.
+        captions (`N` strings): for a text-to-image `denoiser` (Stable Diffusion), each record's caption;
+            embedded with the pipeline's own tokenizer and text encoder unless `conditions` are given.
 
     The attack gets only what its access allows (samples for sample-based attacks, the model for
     query / white-box ones, ...), so one set of keyword arguments can serve every attack of a loop.
@@ -190,6 +196,11 @@ def score(attack: str | Attack, records: Any, *, samples: Any = None, generator:
             "trained the same way on reference records, and subtract the two score arrays "
             "(in a Hydra run: split.n_reference > 0, or attack.calibration.reference_checkpoint=<dir>)."
         )
+    if attack.needs_shadow_models:
+        raise MiaGenError(
+            f"{attack.name} needs a zoo of shadow models, which score() does not train: run it in a Hydra run "
+            "with zoo.n_shadows=K (the zoo is trained as a multirun, `mia-gen-train -m ... zoo.index='range(0,K)'`), "
+            "or fit the per-record statistics yourself with mia_gen.attacks.shadow_stats (lira_online, rmia).")
     context = AttackContext(queries=queries, record_ids=_record_ids(record_ids, len(queries)), seed=int(seed))
     if attack.uses_samples:
         if samples is None:
@@ -208,6 +219,13 @@ def score(attack: str | Attack, records: Any, *, samples: Any = None, generator:
         if attack.access is Access.WHITE_BOX:
             context.discriminator, context.denoiser = discriminator, denoiser
             context.conditions = None if conditions is None else torch.as_tensor(conditions)
+            if captions is not None:
+                context.captions = [str(caption) for caption in captions]
+                if len(context.captions) != len(queries):
+                    raise MiaGenError(f"captions: {len(context.captions)} given for {len(queries)} records; give one "
+                                      "caption per record, aligned with `records`.")
+                if context.conditions is None and getattr(denoiser, "condition_kind", "none") == "text":
+                    context.conditions = denoiser.text_conditions(context.captions)
     if attack.needs_reference_data:
         if reference is None or len(reference) == 0:
             raise _missing(attack, "reference data (records from the same distribution, disjoint from the "

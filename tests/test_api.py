@@ -324,3 +324,26 @@ def test_import_mia_gen_imports_no_higher_layer_and_resolves_the_api_lazily():
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_a_text_to_image_model_is_scored_under_the_records_captions(tmp_path):
+    from tiny_pipelines import tiny_sd_pipeline
+
+    from mia_gen.experiments.api import load_denoiser, score
+
+    denoiser = load_denoiser(tiny_sd_pipeline(tmp_path / "sd"))
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    captions = [f"a handwritten digit {k}" for k in range(4)]
+    embedded = score("diffusion_loss", images, denoiser=denoiser, conditions=denoiser.text_conditions(captions))
+    np.testing.assert_array_equal(score("diffusion_loss", images, denoiser=denoiser, captions=captions), embedded)
+    other = score("diffusion_loss", images, denoiser=denoiser, captions=captions[::-1])
+    assert not np.allclose(other, embedded)  # the caption is the model's input
+    with pytest.raises(MiaGenError, match="one caption per record"):
+        score("diffusion_loss", images, denoiser=denoiser, captions=captions[:3])
+
+
+def test_shadow_attacks_are_refused_with_where_to_run_them():
+    from mia_gen.experiments.api import score
+
+    with pytest.raises(MiaGenError, match="zoo of shadow models.*zoo.n_shadows"):
+        score("lira", torch.zeros(2, 1, 8, 8), denoiser=torch.nn.Identity())

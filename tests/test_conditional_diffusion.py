@@ -16,36 +16,16 @@ from mia_gen.attacks import AttackContext, build_attack
 from mia_gen.attacks.timesteps import record_noise
 from mia_gen.errors import MiaGenError
 from mia_gen.models.denoiser import Denoiser, load_denoiser
+from tiny_pipelines import N_CLASSES, tiny_class_unet_pipeline
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-SIZE = 8
-N_CLASSES = 10
-
-
-def tiny_class_unet(sample_size: int = SIZE):
-    from diffusers import UNet2DModel
-
-    torch.manual_seed(0)
-    unet = UNet2DModel(
-        sample_size=sample_size, in_channels=1, out_channels=1, block_out_channels=(8, 16), layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4, num_class_embeds=N_CLASSES)
-    with torch.no_grad():  # a visible class effect in an untrained net: large label embeddings
-        unet.class_embedding.weight.mul_(5.0)
-    return unet.eval()
-
-
-def save_pipeline(unet, path):
-    from diffusers import DDPMPipeline, DDPMScheduler
-
-    DDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000)).save_pretrained(str(path))
-    return path
+SIZE = 8  # tiny_class_unet_pipeline's 1x8x8 records
 
 
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
-    return save_pipeline(tiny_class_unet(), tmp_path_factory.mktemp("class_ddpm") / "pipeline")
+    return tiny_class_unet_pipeline(tmp_path_factory.mktemp("class_ddpm") / "pipeline")
 
 
 @pytest.fixture(scope="module")
@@ -253,15 +233,25 @@ def test_pia_on_a_dit_equals_a_per_record_loop_with_guidance_written_out(dit, re
         assert not np.allclose(plain, output.scores)
 
 
-def test_a_dit_pipeline_directory_is_refused_until_latent_models_come(tmp_path, dit):
+def test_a_dit_pipeline_directory_loads_as_a_latent_class_model_and_is_attacked_in_its_latent_space(
+        tmp_path, dit, records):
     from diffusers import AutoencoderKL, DDPMScheduler, DiTPipeline
 
+    torch.manual_seed(2)
     vae = AutoencoderKL(in_channels=1, out_channels=1, block_out_channels=(4,), latent_channels=1,
                         norm_num_groups=2, down_block_types=("DownEncoderBlock2D",),
-                        up_block_types=("UpDecoderBlock2D",))
+                        up_block_types=("UpDecoderBlock2D",), scaling_factor=0.5).eval()
     DiTPipeline(transformer=dit, vae=vae, scheduler=DDPMScheduler()).save_pretrained(str(tmp_path))
-    with pytest.raises(MiaGenError, match="Not yet: latent models"):
-        load_denoiser({}, tmp_path)
+    denoiser = load_denoiser({}, tmp_path)
+    assert (denoiser.condition_kind, denoiser.num_classes, denoiser.null_class) == ("class", N_CLASSES, N_CLASSES)
+    assert denoiser.latent is not None and denoiser.image_shape == denoiser.sample_shape == (1, SIZE, SIZE)
+    x, labels = records
+    with torch.no_grad():  # x0: the VAE posterior mean times scaling_factor, one record at a time
+        latents = torch.cat([vae.encode(x[i : i + 1]).latent_dist.mean * 0.5 for i in range(len(x))])
+    assert not torch.allclose(latents, x, atol=1e-2)  # a test that attacked the pixels would fail
+    output = build_attack("pia", {"t": 200, "p": 4, "batch_size": 4})(context(denoiser, x, labels))
+    expected = pia_loop(dit, denoiser.alphas_cumprod.tolist(), latents, labels, 200, 4)
+    np.testing.assert_allclose(output.scores, expected, rtol=1e-4)
 
 
 # ---- the Python API and the whole pipeline ---------------------------------------------------------
@@ -285,7 +275,7 @@ def test_the_pipeline_conditions_a_class_model_on_the_records_labels(tmp_path):
     from mia_gen.experiments.common import CONFIG_DIR
     from mia_gen.experiments.pipeline import Pipeline
 
-    model_dir = save_pipeline(tiny_class_unet(), tmp_path / "model")
+    model_dir = tiny_class_unet_pipeline(tmp_path / "model")
     overrides = ["logger=none", "progress=false", "device=cpu", "utility.metric=none", "data.resolution=8",
                  "split.n_members=8", "split.n_non_members=8", "split.n_reference=0", "evaluation.n_bootstrap=20",
                  "model=diffusers", f"model.checkpoint={model_dir}", "attack=pia", f"cache_dir={tmp_path / 'cache'}"]
