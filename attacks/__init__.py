@@ -2,7 +2,7 @@
 
 from mia_gen.attacks import (  # noqa: F401  (registration)
     calibration, co_membership, diffusion_loss, domias, latent_inversion, latent_inversion_pbb, logan, monte_carlo,
-    pia, sample_distance, secmi, gsa, lira, rmia,
+    pia, sample_distance, secmi, gsa, lira, rmia, clid,
 )
 from mia_gen.attacks.base import ATTACKS, Access, Attack, AttackContext, AttackOutput, build_attack
 

@@ -9,6 +9,7 @@ same labelled records (by id) in every call.
 
 from __future__ import annotations
 
+import dataclasses
 import numpy as np
 import pytest
 import torch
@@ -24,6 +25,11 @@ RECORD_IDS = np.array([2, 5, 11, 17, 23, 30, 41, 58])  # dataset ids of the eigh
 CALLS = ([0, 3, 4, 6], [1, 2, 5, 7])  # the split batching: positions scored in each call
 LABELLED, LABELS = [1, 2, 5, 6], [1, 0, 1, 0]  # the labelled subset, for attacks that learn (in every call)
 SEED = 7
+CONTEXT_FIELDS = {f.name for f in dataclasses.fields(AttackContext)} - {"captions"}  # the rest of a World's fields build views
+# A zoo of 4 shadows over the eight records, each record IN two of them (balanced, as mia_gen.zoo draws it).
+SHADOW_MEMBERSHIP = np.array([[1, 0, 1, 0, 1, 0, 1, 0], [1, 1, 0, 0, 1, 1, 0, 0],
+                              [0, 1, 0, 1, 0, 1, 0, 1], [0, 0, 1, 1, 0, 0, 1, 1]], dtype=bool)
+POPULATION_IDS = np.array([100, 101, 102, 103, 104])
 
 
 class World:
@@ -36,7 +42,9 @@ class World:
     def context(self, positions, attack) -> AttackContext:
         positions = np.asarray(positions)
         context = AttackContext(queries=self.queries[positions], record_ids=RECORD_IDS[positions], seed=SEED,
-                                **{k: v for k, v in self.fields.items() if k != "reference_generator"})
+                                **{k: v for k, v in self.fields.items() if k in CONTEXT_FIELDS})
+        if "captions" in self.fields:  # a caption travels with its record
+            context.captions = [self.fields["captions"][p] for p in positions]
         if attack.needs_labelled_subset:
             where = [int(np.flatnonzero(positions == p)[0]) for p in LABELLED]
             context.labelled_subset = (np.array(where), np.array(LABELS))
@@ -46,7 +54,21 @@ class World:
         if "reference_generator" in self.fields:
             context.reference_model = AttackContext(queries=context.queries, record_ids=context.record_ids,
                                                     generator=self.fields["reference_generator"], seed=SEED)
+        if attack.needs_shadow_models:  # the same records through each shadow, with the zoo's IN/OUT columns
+            shadows = self.fields["shadows"]
+            context.shadow_models = [AttackContext(queries=context.queries, record_ids=context.record_ids,
+                                                   denoiser=shadow, seed=SEED) for shadow in shadows]
+            context.shadow_membership = SHADOW_MEMBERSHIP[:, positions]
+            context.shadow_indices = list(range(len(shadows)))
+            if attack.needs_population:  # the population records z stay the same in every call
+                context.population = self.population(self.fields["denoiser"])
+                for view, shadow in zip(context.shadow_models, shadows):
+                    view.population = self.population(shadow)
         return context
+
+    def population(self, denoiser) -> AttackContext:
+        return AttackContext(queries=self.fields["population"], record_ids=POPULATION_IDS, denoiser=denoiser,
+                             seed=SEED)
 
 
 def tiny_dcgan(seed: int):
@@ -99,11 +121,46 @@ class NoSingleRecordCalls(torch.nn.Module):
         return self.denoiser.epsilon(x_t, t)
 
 
+def perturbed_unet(seed: int) -> UNetDenoiser:
+    """The tiny UNet with its weights moved by seeded noise: another model of the same kind (a shadow)."""
+    denoiser = UNetDenoiser()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in denoiser.parameters():
+            parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    return denoiser
+
+
 @pytest.fixture(scope="module")
 def diffusion():
-    """A tiny, untrained diffusers UNet (8 px) and eight random images."""
+    """A tiny, untrained diffusers UNet (8 px), four shadows of it, eight random images and five population
+    records."""
     queries = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
-    return World(queries, denoiser=NoSingleRecordCalls(UNetDenoiser()))
+    population = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(6)) * 2 - 1
+    return World(queries, denoiser=NoSingleRecordCalls(UNetDenoiser()), population=population,
+                 shadows=[NoSingleRecordCalls(perturbed_unet(seed)) for seed in range(4)])
+
+
+@pytest.fixture(scope="module")
+def diffusion_gradients():
+    """The same world with the bare UNets: GSA differentiates the model's parameters (its vmapped calls hold
+    one record's timesteps, never a batch of one when it scores two or more timesteps)."""
+    queries = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    return World(queries, denoiser=UNetDenoiser(), shadows=[perturbed_unet(seed) for seed in range(4)])
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory):
+    """A tiny Stable Diffusion pipeline (random weights, 16 px RGB records, 4x8x8 latents) and eight captioned
+    random images."""
+    from tiny_pipelines import tiny_sd_pipeline
+
+    from mia_gen.models.denoiser import load_denoiser
+
+    denoiser = load_denoiser({}, tiny_sd_pipeline(tmp_path_factory.mktemp("sd") / "pipeline"), "cpu")
+    queries = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    captions = [f"a handwritten digit {i}" for i in range(8)]
+    return World(queries, denoiser=denoiser, captions=captions)
 
 
 L2 = {"lambda_lpips": 0.0}
@@ -133,6 +190,16 @@ CASES = [
     ("pian", {"t": 20}, "diffusion", "batch_size", (64, 3)),
     ("secmi_stat", {"t_sec": 20, "k": 10}, "diffusion", "batch_size", (64, 3)),
     ("secmi_nn", {"t_sec": 20, "k": 10, "nn_epochs": 2, "nn_batch_size": 4}, "diffusion", "batch_size", (64, 3)),
+    ("lira", {"attack": "diffusion_loss", "params": {"timesteps": [10, 50], "n_draws": 2}}, "diffusion",
+     "batch_size", (64, 3)),
+    # (global_variance pools one variance over the records scored together, as LiRA's code does: not per record)
+    ("lira", {"attack": "pia", "params": {"t": 20}, "mode": "offline"}, "diffusion", "batch_size", (64, 3)),
+    ("rmia", {"attack": "diffusion_loss", "params": {"timesteps": [10, 50], "n_draws": 2}}, "diffusion",
+     "batch_size", (64, 3)),
+    ("gsa", {"timesteps": [10, 50], "n_estimators": 5}, "diffusion_gradients", "batch_size", (16, 3)),
+    # (a given alpha scales the features over the records scored together, as CLiD's code does; chosen on the
+    # labelled subset, which every call holds, the score is the record's own)
+    ("clid", {}, "text", "batch_size", (64, 3)),
 ]
 
 
@@ -140,7 +207,7 @@ def with_batch_size(name: str, params: dict, key, value) -> dict:
     """The parameters with the batch-size setting at `value` (a wrapping attack's inner one for calibration)."""
     if key is None:
         return params
-    if name == "calibration":
+    if name in ("calibration", "lira", "rmia"):  # wrapping attacks: the wrapped attack's batch size
         return {**params, "params": {**params["params"], key: value}}
     return {**params, key: value}
 

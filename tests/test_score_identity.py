@@ -43,12 +43,13 @@ ALLOWED_BY_ATTACK = {
     "lira.params": [None, {"n_draws": 2}], "rmia.params": [None, {"n_draws": 2}],
     "lira.queries": [None, [{"timesteps": [50]}, {"timesteps": [200]}]],
     "lira.attack": ["diffusion_loss", "pia"], "rmia.attack": ["diffusion_loss", "pia"],
+    "clid.alpha": ["labelled_subset", 0.5],
 }
 # Settings a perturbed setting needs beside it to be valid, on both sides of the comparison.
 COMPANIONS = {"rmia.mode": {"offline_a": 0.3}}
 # A valid value for each setting whose default is None (reference_checkpoint: a directory, see below).
 INSTEAD_OF_NONE = {"params": {"iterations": 7}, "eps": 0.5, "max_generated": 500, "sweep_timesteps": [20, 40],
-                   "timesteps": [10, 20], "offline_a": 0.3}
+                   "timesteps": [10, 20], "offline_a": 0.3, "t_center": 400}
 # Evaluation settings that only change metrics: the attack stage never reads them (asserted below).
 METRICS_ONLY = {
     "alphas": "the FPRs at which TPR is reported",
