@@ -265,6 +265,16 @@ class WrapperAttack(Attack):
     def code_versions(self) -> dict[str, int]:
         return {**self.inner.code_versions(), self.name: self.version}
 
+    def require_per_record_statistic(self, what: str) -> None:
+        """Refuse a wrapped attack whose scores are not a plain per-record statistic (`what` the wrapper does)."""
+        inner = self.inner
+        if inner.needs_labelled_subset or inner.group_draw() is not None or inner.needs_reference_model \
+                or inner.needs_shadow_models:
+            raise MiaGenError(
+                f"attack '{self.name}' {what}; '{self.attack}' learns from labels, decides groups or needs its own "
+                "reference or shadow models: wrap a per-record attack (e.g. diffusion_loss, pia, secmi_stat, "
+                "latent_inversion, sample_distance).")
+
 
 def build_attack(name: str, params: Optional[dict] = None) -> Attack:
     """Build an attack by its registered name with keyword parameters.

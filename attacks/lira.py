@@ -13,6 +13,12 @@ augmentations.
 The pipeline trains (and caches) the shadows and hands over whatever part of the zoo is trained, with a
 warning when it is incomplete; a record that cannot be fitted (never OUT, or never IN online) is reported
 and left unscored, never scored from a degenerate Gaussian.
+
+Per-record fits make a record's score independent of the records scored with it. Two settings pool over
+the records scored together, as the paper's code does: `global_variance` (one variance for all of them)
+and, with the reference estimator, the common number of IN / OUT shadows each record's fit uses (it only
+differs from the record's own counts when the zoo is unbalanced: an odd or incomplete zoo). The pipeline
+always scores all evaluated records in one call, so their scores are reproducible.
 """
 
 from __future__ import annotations
@@ -63,12 +69,7 @@ class LiRA(WrapperAttack):
         super().__init__(**params)
         if self.mode not in MODES:
             raise MiaGenError(f"attack '{self.name}': mode must be one of {list(MODES)}, got {self.mode!r}.")
-        if self.inner.needs_labelled_subset or self.inner.group_draw() is not None \
-                or self.inner.needs_reference_model or self.inner.needs_shadow_models:
-            raise MiaGenError(
-                f"attack '{self.name}' fits a per-record statistic over shadow models; '{self.attack}' learns from "
-                "labels, decides groups or needs its own reference or shadow models: wrap a per-record attack "
-                "(e.g. diffusion_loss, pia, secmi_stat, latent_inversion, sample_distance).")
+        self.require_per_record_statistic("fits a per-record statistic over shadow models")
         queries = self.queries
         if queries is not None and (not isinstance(queries, (list, tuple)) or not queries
                                     or not all(isinstance(q, dict) for q in queries)):

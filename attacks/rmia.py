@@ -47,12 +47,7 @@ class RMIA(WrapperAttack):
         if isinstance(self.temperature, bool) or not isinstance(self.temperature, (int, float)) \
                 or not float(self.temperature) > 0:
             raise MiaGenError(f"attack '{self.name}': temperature must be a positive number, got {self.temperature!r}.")
-        if self.inner.needs_labelled_subset or self.inner.group_draw() is not None \
-                or self.inner.needs_reference_model or self.inner.needs_shadow_models:
-            raise MiaGenError(
-                f"attack '{self.name}' compares per-record statistics across models; '{self.attack}' learns from "
-                "labels, decides groups or needs its own reference or shadow models: wrap a per-record attack "
-                "(e.g. diffusion_loss, pia, secmi_stat, latent_inversion).")
+        self.require_per_record_statistic("compares per-record statistics across models")
 
     def score(self, context: AttackContext) -> AttackOutput:
         def statistic(view: AttackContext) -> np.ndarray:

@@ -238,3 +238,17 @@ def test_the_ddpm_shadow_preset_runs_end_to_end_at_a_tiny_scale(tmp_path):
     assert results["lira"]["base_statistic"]["auc"] == pytest.approx(results["diffusion_loss"]["auc"])
     assert (tmp_path / "run" / "roc_shadows.png").is_file()
     assert "shadows" in (tmp_path / "run" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("name, params, message", [
+    ("lira", {"attack": "secmi_nn"}, "wrap a per-record attack"),
+    ("rmia", {"attack": "co_membership"}, "wrap a per-record attack"),
+    ("lira", {"mode": "both"}, "mode must be one of"),
+    ("lira", {"queries": [50, 100]}, "list of parameter overrides"),
+    ("rmia", {"mode": "offline"}, "needs offline_a in"),
+    ("rmia", {"temperature": 0}, "temperature must be a positive number"),
+    ("lira", {"attack": "lira"}, "cannot wrap itself"),
+])
+def test_shadow_attack_settings_that_cannot_work_are_refused_when_built(name, params, message):
+    with pytest.raises(MiaGenError, match=message):
+        build_attack(name, params)
