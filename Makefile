@@ -34,6 +34,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_diffusion_attacks.py
 	$(BIN)/python benchmarks/bench_inversion.py
 	$(BIN)/python benchmarks/bench_inversion.py --optimizer lbfgs --repeats 2
+	$(BIN)/python benchmarks/bench_shadow_attacks.py
 
 clean-cache:
 	rm -rf .cache/mia-gen
