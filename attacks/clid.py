@@ -31,7 +31,7 @@ import torch
 
 from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, is_integer, register_attack
 from mia_gen.attacks.timesteps import (
-    check_positive_int, chunks, conditions_of, denoiser_of, epsilon_batched, forward_noise, record_noise,
+    check_positive_int, chunks, conditions_of, denoiser_of, epsilon_batched, forward_noise, record_noise, x0_of,
 )
 from mia_gen.errors import MiaGenError
 
@@ -169,8 +169,9 @@ class CLiD(Attack):
         device, n_t = context.device, len(timesteps)
         n_variants = 1 + len(weakened_captions("", self.include_null))  # the caption, then its weakenings
         losses = torch.empty(len(captions), n_variants, dtype=torch.float64)
+        records_x0 = x0_of(context.queries, denoiser, device)  # once for all records (to_x0 is batch-invariant)
         for part in chunks(len(captions), max(1, batch_size // (n_t * n_variants))):
-            x0 = denoiser.to_x0(context.queries[part]).float()
+            x0 = records_x0[part]
             n, shape = len(x0), x0.shape[1:]
             noise = record_noise(context.record_ids[part], context.seed, n_t, shape).to(x0.device)  # (n, n_t, ...)
             t = torch.tensor(timesteps, device=x0.device).repeat(n)
