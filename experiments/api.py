@@ -176,8 +176,9 @@ def score(attack: str | Attack, records: Any, *, samples: Any = None, generator:
         groups (`{n: (G, n) positions}`): for `co_membership`, from `mia_gen.groups.draw_groups`.
         conditions (`(N,)` int class ids): for a class-conditional `denoiser`, each record's class label
             (part of the record, never its membership label), aligned with `records`.
-        captions (`N` strings): for a text-to-image `denoiser` (Stable Diffusion), each record's caption;
-            embedded with the pipeline's own tokenizer and text encoder unless `conditions` are given.
+        captions (`N` strings): for a text-to-image `denoiser` (Stable Diffusion), each record's caption,
+            embedded with the pipeline's own tokenizer and text encoder unless `conditions` are given; for
+            `sample_distance` on a store drawn per caption, each record is compared with its caption's samples.
 
     The attack gets only what its access allows (samples for sample-based attacks, the model for
     query / white-box ones, ...), so one set of keyword arguments can serve every attack of a loop.
@@ -202,6 +203,11 @@ def score(attack: str | Attack, records: Any, *, samples: Any = None, generator:
             "with zoo.n_shadows=K (the zoo is trained as a multirun, `mia-gen-train -m ... zoo.index='range(0,K)'`), "
             "or fit the per-record statistics yourself with mia_gen.attacks.shadow_stats (lira_online, rmia).")
     context = AttackContext(queries=queries, record_ids=_record_ids(record_ids, len(queries)), seed=int(seed))
+    if captions is not None:  # a text model's conditions, or a per-caption sample store's match
+        context.captions = [str(caption) for caption in captions]
+        if len(context.captions) != len(queries):
+            raise MiaGenError(f"captions: {len(context.captions)} given for {len(queries)} records; give one "
+                              "caption per record, aligned with `records`.")
     if attack.uses_samples:
         if samples is None:
             raise _missing(attack, "generated samples", "samples=<tensor or SampleStore>",
@@ -220,10 +226,6 @@ def score(attack: str | Attack, records: Any, *, samples: Any = None, generator:
             context.discriminator, context.denoiser = discriminator, denoiser
             context.conditions = None if conditions is None else torch.as_tensor(conditions)
             if captions is not None:
-                context.captions = [str(caption) for caption in captions]
-                if len(context.captions) != len(queries):
-                    raise MiaGenError(f"captions: {len(context.captions)} given for {len(queries)} records; give one "
-                                      "caption per record, aligned with `records`.")
                 if context.conditions is None and getattr(denoiser, "condition_kind", "none") == "text":
                     context.conditions = denoiser.text_conditions(context.captions)
     if attack.needs_reference_data:

@@ -5,6 +5,8 @@ Layout of a store directory::
     manifest.json                     settings + per-shard count, bytes, sha256; `complete`
     shard_00000.samples.npy           (n, *sample_shape) in the storage dtype
     shard_00000.latents.npy           (n, latent_dim) float32, only when sample_fn returns z
+    shard_00000.captions.npy          (n,) int32, only for a store drawn from captions: each sample's
+                                      caption, an index into the manifest's sorted `captions`
 
 Shard i is drawn from a fresh `torch.Generator` seeded from (seed, i), so regenerating one shard
 gives the same bytes as an uninterrupted run: a resumed store equals a fresh one, byte for byte.
@@ -45,7 +47,9 @@ _DAMAGED_HINT = (
     "it rewrites only the damaged shards)."
 )
 
-SampleFn = Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor | None]]
+# sample_fn(n, generator) -> (x, z); for a store drawn from captions, sample_fn(n, generator, captions).
+SampleFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+SHARD_KINDS = ("samples", "latents", "captions")
 
 
 def shard_seed(seed: int, shard_index: int) -> int:
@@ -165,6 +169,17 @@ class SampleStore:
         return int(self._manifest["seed"])
 
     @property
+    def captions(self) -> list[str] | None:
+        """The distinct captions (sorted) the samples were drawn from; None for a store not drawn from captions."""
+        return self._manifest.get("captions")
+
+    def caption_index(self) -> np.ndarray:
+        """`(N,)` int64: sample i was drawn from the caption `captions[caption_index()[i]]`."""
+        if self.captions is None:
+            raise MiaGenError(f"Sample store {self.path} was not drawn from captions; it has no caption per sample.")
+        return self._read_range(0, len(self), "captions").astype(np.int64)
+
+    @property
     def n_shards(self) -> int:
         return len(self._shards)
 
@@ -257,12 +272,22 @@ class SampleStore:
 
     def _check_shards(self, full: bool) -> None:
         for shard in self._shards:
-            problem = _shard_problem(self.path, shard, full)
+            problem = _shard_problem(self.path, shard, full, with_captions=self.captions is not None)
             if problem is not None:
                 raise CorruptStoreError(
                     f"Sample store {self.path}: shard {shard['index']} {problem}; it must not be read. "
                     + _DAMAGED_HINT.format(path=self.path)
                 )
+
+
+def index_captions(captions: Sequence[str], n_samples: int) -> tuple[list[str], np.ndarray]:
+    """One caption per sample -> (the distinct captions sorted, `(n_samples,)` int32 index of each sample's)."""
+    if isinstance(captions, str) or len(captions) != n_samples or not all(isinstance(c, str) for c in captions):
+        got = "a single string" if isinstance(captions, str) else f"{len(captions)} item(s)"
+        raise MiaGenError(f"captions must be one string per sample ({n_samples} strings), got {got}.")
+    caption_list = sorted(set(captions))
+    position = {caption: i for i, caption in enumerate(caption_list)}
+    return caption_list, np.array([position[caption] for caption in captions], dtype=np.int32)
 
 
 # ---------------------------------------------------------------------- writing
@@ -291,9 +316,11 @@ def _write_manifest(path: Path, manifest: dict[str, Any]) -> None:
     _atomic_write_bytes(path / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
 
 
-def _shard_problem(path: Path, shard: dict[str, Any], full: bool) -> str | None:
+def _shard_problem(path: Path, shard: dict[str, Any], full: bool, with_captions: bool = False) -> str | None:
     """None if every file of `shard` holds what the manifest recorded, else what is wrong with one."""
-    for kind in ("samples", "latents"):
+    if with_captions and shard.get("captions") is None:
+        return "has no caption file, though the store was drawn from captions"
+    for kind in SHARD_KINDS:
         entry = shard.get(kind)
         if entry is None:
             continue
@@ -341,6 +368,7 @@ def write_samples(
     storage_dtype: str = "uint8",
     metadata: dict[str, Any] | None = None,
     progress: bool = True,
+    captions: Sequence[str] | None = None,
 ) -> SampleStore:
     """Draw `n_samples` from `sample_fn` into a sharded store at `path`; resumes a partial store.
 
@@ -348,6 +376,9 @@ def write_samples(
     z float `(n, latent_dim)` or None. `generator` is a CPU `torch.Generator` seeded from
     (seed, shard index); draw all randomness from it (on CPU, then move to the model's device)
     for results that do not depend on earlier shards or on the device.
+    captions: one caption per sample (`n_samples` strings), or None. When given, sample_fn is called as
+    sample_fn(n, generator, captions_of_the_shard) and draws row i from its caption i; the store keeps
+    each sample's caption (`SampleStore.captions`, `SampleStore.caption_index`), checked like the samples.
     Memory holds one shard at a time (`shard_size` samples).
     """
     path = Path(path)
@@ -369,6 +400,10 @@ def write_samples(
         "storage_dtype": storage_dtype,
         "metadata_hash": config_hash(plain_metadata),
     }
+    caption_list, caption_index = None, None
+    if captions is not None:
+        caption_list, caption_index = index_captions(captions, n_samples)
+        settings["captions_hash"] = config_hash(list(captions))
 
     path.mkdir(parents=True, exist_ok=True)
     for leftover in path.glob(".shard_*.tmp"):
@@ -391,10 +426,12 @@ def write_samples(
             "shards": [],
             "complete": False,
         }
+        if caption_list is not None:
+            manifest["captions"] = caption_list
     else:
         differing = [
             f"{key}: stored {manifest.get(key)!r}, requested {value!r}"
-            for key, value in settings.items()
+            for key, value in {"captions_hash": None, **settings}.items()
             if manifest.get(key) != value
         ]
         if differing:
@@ -405,7 +442,8 @@ def write_samples(
             )
 
     n_total = _n_shards(n_samples, shard_size)
-    kept = [s for s in manifest["shards"] if _shard_problem(path, s, full=False) is None]
+    kept = [s for s in manifest["shards"]
+            if _shard_problem(path, s, full=False, with_captions=caption_list is not None) is None]
     if len(kept) != len(manifest["shards"]) or (manifest["complete"] and len(kept) < n_total):
         manifest["complete"] = False
     manifest["shards"] = kept
@@ -423,7 +461,10 @@ def write_samples(
         count = min(shard_size, n_samples - start)
         generator = torch.Generator(device="cpu").manual_seed(shard_seed(seed, index))
         with torch.no_grad():
-            out = sample_fn(count, generator)
+            if caption_list is None:
+                out = sample_fn(count, generator)
+            else:
+                out = sample_fn(count, generator, list(captions[start : start + count]))
         if not isinstance(out, (tuple, list)) or len(out) != 2:
             raise MiaGenError(
                 "sample_fn(n, generator) must return a pair (x, z) (z may be None); "
@@ -451,6 +492,9 @@ def write_samples(
         if z is not None:
             latents = z.detach().to("cpu", torch.float32).numpy()
             shard["latents"] = _atomic_save_npy(path / _shard_name(index, "latents"), latents)
+        if caption_index is not None:
+            shard["captions"] = _atomic_save_npy(path / _shard_name(index, "captions"),
+                                                 caption_index[start : start + count])
         manifest["shards"] = sorted(manifest["shards"] + [shard], key=lambda s: s["index"])
         _write_manifest(path, manifest)
 
@@ -502,10 +546,12 @@ class InMemorySampleStore(SampleStore):
         latents (`(N, latent_dim)`, optional): the generator inputs z of the samples.
         storage_dtype: "float32" keeps the values; "uint8" / "float16" round them as a store on disk does.
         metadata: free-form, JSON-serialisable notes (a store's `metadata`).
+        captions (`list[str]` of length N, optional): the caption each sample was drawn from, as
+            `write_samples(..., captions=)` keeps them (`captions`, `caption_index`).
     """
 
     def __init__(self, samples: Any, latents: Any = None, *, storage_dtype: str = "float32",
-                 metadata: dict[str, Any] | None = None):
+                 metadata: dict[str, Any] | None = None, captions: Sequence[str] | None = None):
         samples = as_float_tensor(samples, "samples")
         if samples.ndim < 2 or len(samples) == 0:
             raise MiaGenError(
@@ -534,6 +580,9 @@ class InMemorySampleStore(SampleStore):
                 )
             arrays["latents"] = latents.numpy().astype(np.float32)
             latent_dim = int(latents.shape[1])
+        caption_list = None
+        if captions is not None:
+            caption_list, arrays["captions"] = index_captions(captions, len(samples))
         for array in arrays.values():
             array.setflags(write=False)
         manifest = {
@@ -542,6 +591,8 @@ class InMemorySampleStore(SampleStore):
             "sample_shape": list(samples.shape[1:]), "latent_dim": latent_dim, "complete": True,
             "shards": [{"index": 0, "start": 0, "count": len(samples)}],
         }
+        if caption_list is not None:
+            manifest["captions"] = caption_list
         self._arrays = arrays
         super().__init__(Path("<memory>"), manifest)
 

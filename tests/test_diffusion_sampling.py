@@ -144,3 +144,31 @@ def test_sampler_exposes_the_denoiser_interface():
     x = torch.randn(2, *SHAPE, generator=torch.Generator().manual_seed(0))
     assert torch.equal(sampler.epsilon(x, torch.tensor([3, 4])), 0.5 * x + 1e-4 * torch.tensor([3.0, 4.0]).view(-1, 1, 1, 1))
     assert sampler.alphas_cumprod is denoiser.alphas_cumprod and sampler.num_train_timesteps == T
+
+
+def test_unconditional_samples_are_bitwise_the_loop_before_conditions_existed():
+    """The unconditional pixel path keeps its exact float32 arithmetic (stores sampled before stay valid)."""
+    for name in ("ddim", "ddpm"):
+        sampler = DiffusionSampler(Denoiser(LinearEps(), ALPHAS, SHAPE), name, steps=4)
+        z = sampler.sample_latent(3, torch.Generator().manual_seed(5))
+        import hashlib  # each row's noise generator: seeded by the first 8 bytes of the sha256 of the row
+
+        x = z.view(-1, *SHAPE)
+        rngs = [torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(row.numpy().tobytes()).digest()[:8],
+                                                             "little")) for row in z]
+        for i, t in enumerate(sampler.timesteps):
+            a_t = ALPHAS[t]
+            a_prev = ALPHAS[sampler.timesteps[i + 1]] if i + 1 < 4 else torch.tensor(1.0, dtype=torch.float64)
+            eps = LinearEps()(x, torch.full((3,), t, dtype=torch.int64))
+            x0 = (x - (1 - a_t).sqrt().item() * eps) / a_t.sqrt().item()
+            sigma = sampler.eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt().item()
+            x = a_prev.sqrt().item() * x0 + max(1 - a_prev.item() - sigma**2, 0.0) ** 0.5 * eps
+            if sigma > 0:
+                x = x + sigma * torch.stack([torch.randn(SHAPE, generator=g) for g in rngs])
+        assert torch.equal(sampler(z), x.clamp(-1, 1)) and torch.equal(sampler(z, None), sampler(z))
+
+
+def test_a_condition_for_an_unconditional_model_is_refused():
+    sampler = DiffusionSampler(Denoiser(LinearEps(), ALPHAS, SHAPE), "ddim", steps=2)
+    with pytest.raises(MiaGenError, match="unconditional"):
+        sampler(torch.zeros(2, 16), torch.tensor([0, 1]))
