@@ -34,7 +34,8 @@ from mia_gen.splits import load_or_make_split, membership_source
 from mia_gen.zoo import ZooMembership, draw_zoo
 from mia_gen.models.checkpoint import STATE_JSON
 from mia_gen.models.defense import Defense, effective_training
-from mia_gen.models.factory import load_diffusion_denoiser, load_discriminator, load_generator, train_model
+from mia_gen.models.factory import (finetune_method, is_latent_text, load_diffusion_denoiser, load_discriminator,
+                                    load_generator, train_base_model, train_model)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,14 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def _text_conditions(denoiser: torch.nn.Module, captions: list[str]) -> torch.Tensor:
+    """`denoiser.text_conditions(captions)` `(N, L, D)`, each distinct caption embedded once."""
+    distinct = sorted(set(captions))
+    embeddings = denoiser.text_conditions(distinct)
+    position = {caption: i for i, caption in enumerate(distinct)}
+    return embeddings[torch.tensor([position[caption] for caption in captions], device=embeddings.device)]
 
 
 class Pipeline:
@@ -182,10 +191,60 @@ class Pipeline:
                 load_generator(self.cfg.model, self.model_dir, self.device)  # raises with the fix
             return config_hash({"checkpoint": files_fingerprint(files), "model": loading})
         model, defense = self.trained_as
-        return config_hash({
-            "data": self.data_key, "fingerprint": self.records.fingerprint, "split": self.split_key,
-            "model": model, "defense": defense,
-        })
+        identity = {"data": self.data_key, "fingerprint": self.records.fingerprint, "split": self.split_key,
+                    "model": model, "defense": defense}
+        if self.cfg.model.get("base"):  # a given base: its files, not where it lies
+            identity["base"] = self.base_key
+        return config_hash(identity)
+
+    # ---- a text-to-image model's base (configs/model/ldm.yaml) ---------------------------------
+    @cached_property
+    def public_ids(self) -> np.ndarray:
+        """Records outside the split (members, non-members, reference): what a base model is pretrained on."""
+        used = np.concatenate([self.split.members, self.split.non_members, self.split.reference])
+        return np.setdiff1d(np.arange(len(self.records)), used)
+
+    @cached_property
+    def base_key(self) -> str:
+        """The base's identity: a given base's files, or the public records and everything but the fine-tune."""
+        given = self.cfg.model.get("base")
+        if given:
+            path = Path(given).expanduser().resolve()
+            files = [*path.rglob("*.safetensors"), *path.rglob("*.json"), *path.glob("tokenizer/*")]
+            if not (path / "model_index.json").is_file():
+                raise MissingAssetError(
+                    f"model.base={path} is not a StableDiffusionPipeline directory (no model_index.json); download "
+                    "the base there (e.g. `huggingface-cli download stable-diffusion-v1-5/stable-diffusion-v1-5 "
+                    f"--local-dir {path}`) or unset model.base to pretrain one on the public records.")
+            return config_hash({"base": files_fingerprint(files)})
+        model = OmegaConf.to_container(self.cfg.model, resolve=True)
+        for key in ("training", "sampler", "use_ema", "guidance_scale", "dtype", "allow_download", "checkpoint"):
+            model.pop(key, None)
+        return config_hash({"data": self.data_key, "fingerprint": self.records.fingerprint,
+                            "public": self.public_ids.tolist(), "model": model})
+
+    @cached_property
+    def base_dir(self) -> Path:
+        given = self.cfg.model.get("base")
+        if given:
+            return Path(given).expanduser().resolve()
+        return self.cache_dir / "models" / f"{self.cfg.model.name}-base-{self.base_key}"
+
+    def train_base(self) -> Path:
+        """Pretrain the text-to-image base on the public records with their captions (once; cached)."""
+        if self.cfg.model.get("base"):
+            self.base_key  # a given base is checked before any fine-tuning
+            return self.base_dir
+        require_captions(self.records, f"model={self.cfg.model.name}")
+        ids = self.public_ids
+        if not len(ids):
+            raise MiaGenError("model=ldm pretrains its base on the records outside the split, but the split uses all "
+                              f"{len(self.records)} records; lower split.n_members / n_non_members / n_reference.")
+        log.info("train: %s base on %d public records -> %s", self.cfg.model.name, len(ids), self.base_dir)
+        with exclusive(self.base_dir, self.cache_dir / "locks"):
+            train_base_model(self.cfg.model, self.records.get(ids), self.records.captions(ids), self.base_dir,
+                             self.device, progress=self.progress)
+        return self.base_dir
 
     @cached_property
     def trained_as(self) -> tuple[DictConfig, DictConfig]:
@@ -249,9 +308,16 @@ class Pipeline:
         """Train (or resume, or find finished) the model under the stage lock, extending a shorter run."""
         members = self.records.get(self.training_ids)
         model, defense = self.trained_as
+        text = {}
+        if is_latent_text(self.cfg.model):
+            require_captions(self.records, f"model={self.cfg.model.name}")
+            text = {"captions": self.records.captions(self.training_ids), "base_dir": self.train_base()}
+            if finetune_method(self.cfg.model) == "none":
+                return
         with exclusive(self.model_dir, self.cache_dir / "locks"):  # parallel jobs needing this model train it once
             self.start_from_shorter_run()
-            train_model(model, members, self.model_dir, self.device, progress=self.progress, defense_cfg=defense)
+            train_model(model, members, self.model_dir, self.device, progress=self.progress, defense_cfg=defense,
+                        **text)
             lineage = self.lineage_key()
             if lineage is not None:
                 _write_json_atomic(self.model_dir / LINEAGE_JSON,
@@ -272,7 +338,38 @@ class Pipeline:
             return config_hash({"synthetic": self.synthetic_records.fingerprint,
                                 "shard_size": self.cfg.sampling.shard_size,
                                 "storage_dtype": self.storage_dtype})
-        return config_hash({"train": self.train_key, "sampling": self.cfg.sampling})
+        return config_hash({"train": self.train_key, "sampling": self.sampling_settings})
+
+    @cached_property
+    def sampling_settings(self) -> dict:
+        """`sampling.*` as the sample key hashes it. With `per_caption` null, as before it existed (the keys of
+        unconditional stores still hold); with it, plus the captions the store is drawn from, less the
+        `n_samples` it ignores."""
+        sampling = OmegaConf.to_container(self.cfg.sampling, resolve=True)
+        if sampling.get("per_caption") is None:
+            sampling.pop("per_caption", None)
+            return sampling
+        sampling.pop("n_samples", None)
+        sampling["captions"] = self.prompt_captions
+        return sampling
+
+    @cached_property
+    def prompt_captions(self) -> list[str]:
+        """The distinct captions of the queries (members and non-members), sorted: the prompts of a store drawn
+        with `sampling.per_caption` samples per caption (the extraction setting of Carlini et al., 2023)."""
+        per_caption = self.cfg.sampling.get("per_caption")
+        if isinstance(per_caption, bool) or not isinstance(per_caption, int) or per_caption < 1:
+            raise MiaGenError(f"sampling.per_caption must be a positive integer (samples per caption) or null "
+                              f"(unconditional samples), got {per_caption!r}.")
+        if self.cfg.model.get("family") != "diffusion":
+            raise MiaGenError(
+                f"sampling.per_caption={per_caption} samples a text-to-image model from the records' captions, but "
+                f"model={self.cfg.model.name} is a {self.cfg.model.get('family')} model without text; use a "
+                "text-conditioned diffusion model (model=diffusers model.checkpoint=<a StableDiffusionPipeline "
+                "directory>) or set sampling.per_caption=null."
+            )
+        require_captions(self.records, f"sampling.per_caption={per_caption}")
+        return sorted(set(self.records.captions(self.query_ids)))
 
     @property
     def storage_dtype(self) -> str:
@@ -353,6 +450,8 @@ class Pipeline:
             if not path.exists() and self.cfg.model.get("allow_download"):
                 return str(checkpoint)
             return path.resolve()
+        if is_latent_text(self.cfg.model) and finetune_method(self.cfg.model) == "none":
+            return self.base_dir  # the pretrained base is the model under attack
         return self.cache_dir / "models" / f"{self.cfg.model.name}-{self.train_key}"
 
     def train(self) -> Path:
@@ -411,22 +510,53 @@ class Pipeline:
             )
         generator = self.generator
         batch_size = int(sampling.batch_size)
+        captions = self._captions_per_sample(generator)  # None: unconditional samples
 
         @torch.no_grad()
-        def sample_fn(n: int, rng: torch.Generator):
+        def sample_fn(n: int, rng: torch.Generator, captions: list[str] | None = None):
             z = generator.sample_latent(n, rng)
-            x = torch.cat([generator(z[i : i + batch_size].to(self.device)).float().cpu()
-                           for i in range(0, n, batch_size)])
+            if captions is None:
+                x = torch.cat([generator(z[i : i + batch_size].to(self.device)).float().cpu()
+                               for i in range(0, n, batch_size)])
+            else:  # each sample drawn from its own caption
+                x = torch.cat([generator(z[i : i + batch_size].to(self.device),
+                                         _text_conditions(generator.denoiser, captions[i : i + batch_size])
+                                         ).float().cpu() for i in range(0, n, batch_size)])
             return x, z
 
-        log.info("sample: %d samples -> %s", sampling.n_samples, self.sample_dir)
+        n_samples = int(sampling.n_samples) if captions is None else len(captions)
+        log.info("sample: %d samples -> %s", n_samples, self.sample_dir)
+        recorded = OmegaConf.to_container(sampling)
+        if recorded.get("per_caption") is None:  # the metadata of stores written before per_caption existed
+            recorded.pop("per_caption", None)
         return write_samples(
-            self.sample_dir, sample_fn, int(sampling.n_samples), shard_size=int(sampling.shard_size),
+            self.sample_dir, sample_fn, n_samples, shard_size=int(sampling.shard_size),
             seed=int(self.cfg.seed), storage_dtype=self.storage_dtype,
             metadata={"sample_key": self.sample_key, "train_key": self.train_key,
-                      "model": self.cfg.model.name, "sampling": OmegaConf.to_container(sampling)},
-            progress=self.progress,
+                      "model": self.cfg.model.name, "sampling": recorded},
+            progress=self.progress, captions=captions,
         )
+
+    def _captions_per_sample(self, generator: torch.nn.Module) -> list[str] | None:
+        """The caption of each sample of a store drawn with `sampling.per_caption=n`: n consecutive samples for
+        each distinct caption of the queries, in sorted order; None for unconditional samples."""
+        per_caption = self.cfg.sampling.get("per_caption")
+        if per_caption is None:
+            return None
+        captions = self.prompt_captions
+        kind = getattr(getattr(generator, "denoiser", None), "condition_kind", "none")
+        if kind != "text":
+            spoken = "class-conditional" if kind == "class" else "unconditional"
+            raise MiaGenError(
+                f"sampling.per_caption={per_caption} samples a text-to-image model from the records' captions, but "
+                f"the diffusion model at {self.model_dir} is {spoken}; use a text-conditioned one (a "
+                "StableDiffusionPipeline directory: model=diffusers model.checkpoint=<dir>) or set "
+                "sampling.per_caption=null."
+            )
+        log.info("sample: sampling.per_caption=%d: %d samples for each of the %d distinct captions of the queries "
+                 "(sampling.n_samples=%s is ignored)", per_caption, per_caption, len(captions),
+                 self.cfg.sampling.n_samples)
+        return [caption for caption in captions for _ in range(int(per_caption))]
 
     @cached_property
     def samples(self) -> SampleStore:
@@ -454,6 +584,9 @@ class Pipeline:
             samples=self.samples if attack.uses_samples else None,
             device=self.device, seed=int(self.cfg.seed),
         )
+        if getattr(context.samples, "captions", None) is not None:  # a store drawn per caption: the queries' own
+            require_captions(self.records, f"the sample store {self.sample_dir}, drawn from captions,")
+            context.captions = self.records.captions(ids)
         if attack.access in (Access.QUERY, Access.WHITE_BOX):
             self.require_model(f"attack '{attack.name}' ({attack.access.value} access)")
             context.generator = self.generator

@@ -77,14 +77,18 @@ def build_scheduler(model_cfg: Any):
 
 
 def diffusion_loss(unet, scheduler, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor,
-                   per_sample_sum: bool = False) -> torch.Tensor:
+                   per_sample_sum: bool = False, encoder_hidden_states: torch.Tensor | None = None) -> torch.Tensor:
     """Mean squared error of the network's prediction (Ho et al., 2020, eq. 14; v-target: Salimans & Ho, 2022).
 
     x0, noise: `(N, C, H, W)` (x0 in [-1, 1]); t: `(N,)` int64 in [0, T). With `per_sample_sum`, the
     sum over samples of each sample's mean error (DP-SGD clips each sample's gradient of its own term).
+    encoder_hidden_states: a text-conditioned UNet's caption embeddings `(N, L, D)` (x0 is then a latent).
     """
     x_t = scheduler.add_noise(x0, noise, t)
-    prediction = unet(x_t, t).sample
+    if encoder_hidden_states is None:
+        prediction = unet(x_t, t).sample
+    else:
+        prediction = unet(x_t, t, encoder_hidden_states=encoder_hidden_states).sample
     if scheduler.config.prediction_type == "v_prediction":
         target = scheduler.get_velocity(x0, noise, t)
     else:

@@ -31,18 +31,49 @@ def _family(model_cfg: DictConfig) -> str:
     return family
 
 
+def is_latent_text(model_cfg: DictConfig) -> bool:
+    """Whether `model_cfg` is a text-to-image model trained here (base + fine-tune: configs/model/ldm.yaml)."""
+    return _family(model_cfg) == "diffusion" and bool(model_cfg.get("pretrain") is not None or model_cfg.get("base"))
+
+
+def finetune_method(model_cfg: DictConfig) -> str:
+    """`model.training.method` of a text-to-image model: lora | full | none (the base is the model)."""
+    return str((model_cfg.get("training") or {}).get("method", "lora"))
+
+
+def train_base_model(model_cfg: DictConfig, images: torch.Tensor, captions: list[str], out_dir: Path,
+                     device: torch.device, progress: bool = True) -> None:
+    """Pretrain (or resume, or find finished) a text-to-image model's base on public `images` + `captions`."""
+    from mia_gen.models.ldm_trainer import train_ldm_base
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train_ldm_base(model_cfg, images, captions, out_dir, device, progress=progress)
+
+
 def train_model(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path, device: torch.device,
-                progress: bool = True, defense_cfg: DictConfig | None = None) -> None:
+                progress: bool = True, defense_cfg: DictConfig | None = None, captions: list[str] | None = None,
+                base_dir: Path | None = None) -> None:
     """Train (or resume, or find finished) the model of `model_cfg` on `members` into `out_dir`.
 
     members (`torch.Tensor` of shape `(N, C, H, W)`, in [-1, 1]). defense_cfg: `cfg.defense`
-    (`mia_gen.models.defense`), applied by the trainer.
+    (`mia_gen.models.defense`), applied by the trainer. A text-to-image model (`is_latent_text`) is
+    fine-tuned from the base at `base_dir` on the members and their `captions`.
     """
     from mia_gen.models.defense import Defense, effective_training
 
     model_cfg, defense_cfg = effective_training(model_cfg, defense_cfg)
     defense = Defense.from_config(defense_cfg)
     family = _family(model_cfg)
+    if is_latent_text(model_cfg):
+        if defense.name == "federated":
+            raise MiaGenError("defense=federated does not apply to model=ldm: a fine-tune of one base on one "
+                              "party's records is what it attacks; use dp_sgd, augmentation, weight_decay or "
+                              "early_stopping.")
+        from mia_gen.models.ldm_trainer import train_ldm_finetune
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        train_ldm_finetune(model_cfg, base_dir, members, captions, out_dir, device, progress=progress, defense=defense)
+        return
     if family == "memorizer" and defense.name != "none":
         raise MiaGenError(
             f"defense={defense.name} does not apply to the memorizer (it copies its members by construction); "
@@ -147,7 +178,26 @@ def load_diffusion_denoiser(model_cfg: DictConfig, model_dir: Path | str, device
         )
     from mia_gen.models.denoiser import load_denoiser
 
+    if is_latent_text(model_cfg) and not model_cfg.get("checkpoint"):
+        return load_denoiser(*_finetuned(model_cfg, Path(model_dir)), device)
     return load_denoiser(model_cfg, model_dir, device)
+
+
+def _finetuned(model_cfg: DictConfig, model_dir: Path) -> tuple[dict, Path]:
+    """(loading config, pipeline directory) of a text-to-image model trained here: its base with the LoRA adapter
+    in `model_dir` merged, a whole fine-tuned pipeline, or the base itself (`training.method=none`)."""
+    from mia_gen.models.ldm_trainer import FINETUNE_JSON
+
+    cfg = OmegaConf.to_container(model_cfg, resolve=True)
+    cfg["lora"] = None
+    marker = model_dir / FINETUNE_JSON
+    if not marker.is_file():  # the base itself
+        return cfg, model_dir
+    finetune = json.loads(marker.read_text())
+    if finetune.get("method") == "lora":
+        cfg["lora"] = str(model_dir)
+        return cfg, Path(finetune["base"])
+    return cfg, model_dir
 
 
 def load_discriminator(model_cfg: DictConfig, model_dir: Path, device: torch.device) -> torch.nn.Module:

@@ -161,6 +161,13 @@ def load_text_encoder(location: str | Path, local_only: bool, text_class: str = 
     _require_folder(location, "tokenizer", "the tokenizer's files (vocab.json, merges.txt and "
                     "tokenizer_config.json for CLIP, or tokenizer.json)")
     _require_folder(location, "text_encoder", "config.json and model.safetensors (the pipeline's CLIPTextModel)")
+    folder = Path(location) / "tokenizer"
+    if folder.is_dir() and not any((folder / name).is_file() for name in ("tokenizer.json", "vocab.json")):
+        raise MissingAssetError(
+            f"{folder} holds no vocabulary (neither tokenizer.json nor vocab.json + merges.txt): every caption would "
+            "tokenize to unknown tokens and all captions would embed alike. Copy the tokenizer's files from the base "
+            "model the pipeline was made from, or save the whole pipeline again with `pipeline.save_pretrained(dir)`."
+        )
     tokenizer_cls = getattr(transformers, tokenizer_class, None) or transformers.AutoTokenizer
     text_cls = getattr(transformers, text_class, None)
     if text_cls is None:

@@ -319,6 +319,15 @@ def test_a_pipeline_missing_a_component_says_which_and_what_it_holds(sd_dir, tmp
         load_denoiser({}, copy_without(sd_dir, tmp_path, folder))
 
 
+def test_a_tokenizer_folder_without_a_vocabulary_is_refused(sd_dir, tmp_path):
+    """Loaded anyway, such a tokenizer maps every caption to unknown tokens: all captions would embed alike."""
+    copy = copy_without(sd_dir, tmp_path, "tokenizer")
+    (copy / "tokenizer").mkdir()
+    shutil.copy(sd_dir / "tokenizer" / "tokenizer_config.json", copy / "tokenizer")
+    with pytest.raises(MissingAssetError, match="holds no vocabulary"):
+        load_denoiser({}, copy)
+
+
 def test_records_of_the_wrong_size_for_the_vae(sd, images):
     with pytest.raises(MiaGenError, match=r"32x32 px but this latent model's VAE turns 16x16 px .*data.resolution=16"):
         sd.to_x0(torch.zeros(2, 3, 32, 32))

@@ -41,31 +41,13 @@ def tiny_vae(seed: int = 0):
         layers_per_block=1, norm_num_groups=4, sample_size=IMAGE_SIZE, scaling_factor=SCALING_FACTOR).eval()
 
 
-def write_clip_vocabulary(directory: Path) -> tuple[Path, Path]:
-    """vocab.json + merges.txt of a small CLIP BPE: every lowercase letter and digit (alone and word-final,
-    `</w>`), whole-word merges for `WORDS`, and the two special tokens."""
-    directory.mkdir(parents=True, exist_ok=True)
-    symbols = [chr(c) for c in range(ord("a"), ord("z") + 1)] + [str(d) for d in range(10)]
-    vocab = symbols + [s + "</w>" for s in symbols]
-    merges = []
-    for word in WORDS:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:  # merge left to right: "h a" -> "ha", "ha n" -> "han", ...
-            merges.append(f"{pieces[0]} {pieces[1]}")
-            pieces = [pieces[0] + pieces[1]] + pieces[2:]
-            if pieces[0] not in vocab:
-                vocab.append(pieces[0])
-    vocab += list(SPECIAL)
-    vocab_file, merges_file = directory / "vocab.json", directory / "merges.txt"
-    vocab_file.write_text(json.dumps({token: i for i, token in enumerate(vocab)}))
-    merges_file.write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
-    return vocab_file, merges_file
-
-
 def tiny_tokenizer(directory: Path):
+    """A CLIP BPE over every letter and digit with `WORDS` as whole tokens (`mia_gen.models.ldm`)."""
     from transformers import CLIPTokenizer
 
-    vocab_file, merges_file = write_clip_vocabulary(directory)
+    from mia_gen.models.ldm import write_clip_vocabulary
+
+    vocab_file, merges_file = write_clip_vocabulary(directory, WORDS)
     return CLIPTokenizer(vocab=str(vocab_file), merges=str(merges_file), model_max_length=TEXT_LENGTH)
 
 
