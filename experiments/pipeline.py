@@ -922,6 +922,9 @@ class SameRecipePipeline(Pipeline):
         self.__dict__["records"] = parent.records
         self.__dict__["split"] = parent.split
         self.__dict__["query_ids"] = parent.query_ids
+        for name in ("zoo", "public_ids", "base_key"):  # the same for every model of the run: read (or hashed) once
+            if name in parent.__dict__:
+                self.__dict__[name] = parent.__dict__[name]
         self._training_ids = np.asarray(training_ids)
 
     @property

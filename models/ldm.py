@@ -20,6 +20,7 @@ from typing import Any, Iterable
 
 import torch
 
+from mia_gen.errors import MiaGenError
 from mia_gen.extras import require
 
 T2I_FEATURE = "model=ldm (text-to-image training)"
@@ -68,40 +69,44 @@ def build_tokenizer(directory: str | Path, words: Iterable[str], max_length: int
                                       pad_token=SPECIAL_TOKENS[1], unk_token=SPECIAL_TOKENS[1])
 
 
-def build_vae(vae_cfg: Any):
-    """An untrained `AutoencoderKL` from its kwargs (configs/model/ldm.yaml `vae`)."""
-    from diffusers import AutoencoderKL
+def _diffusers_module(class_name: str, kwargs: Any, where: str):
+    """diffusers' `class_name(**kwargs)` (lists of block types / channels as tuples); bad kwargs: `MiaGenError`."""
+    import diffusers
 
-    cfg = _plain(vae_cfg)
+    cfg = _plain(kwargs)
     for key in ("down_block_types", "up_block_types", "block_out_channels"):
         if key in cfg:
             cfg[key] = tuple(cfg[key])
-    return AutoencoderKL(**cfg)
+    try:
+        return getattr(diffusers, class_name)(**cfg)
+    except (TypeError, ValueError) as err:
+        raise MiaGenError(f"{where} could not build a {class_name} ({str(err).splitlines()[0]}); fix its kwargs "
+                          "in the model config (configs/model/ldm.yaml).") from err
+
+
+def build_vae(vae_cfg: Any):
+    """An untrained `AutoencoderKL` from its kwargs (configs/model/ldm.yaml `vae`)."""
+    return _diffusers_module("AutoencoderKL", vae_cfg, "model.vae")
 
 
 def build_text_encoder(text_cfg: Any, tokenizer):
     """An untrained `CLIPTextModel` from its kwargs (configs/model/ldm.yaml `text_encoder`), its vocabulary and
     special tokens the tokenizer's."""
     transformers = require("transformers", T2I_FEATURE)
-    config = transformers.CLIPTextConfig(
-        vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-        **_plain(text_cfg))
-    return transformers.CLIPTextModel(config)
+    try:
+        config = transformers.CLIPTextConfig(
+            vocab_size=len(tokenizer), max_position_embeddings=tokenizer.model_max_length,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, **_plain(text_cfg))
+        return transformers.CLIPTextModel(config)
+    except (TypeError, ValueError) as err:
+        raise MiaGenError(f"model.text_encoder could not build a CLIPTextModel ({str(err).splitlines()[0]}); fix "
+                          "its kwargs in the model config (configs/model/ldm.yaml).") from err
 
 
 def build_unet(unet_cfg: Any):
     """An untrained `UNet2DConditionModel` from its kwargs (configs/model/ldm.yaml `unet`)."""
-    from diffusers import UNet2DConditionModel
-
-    cfg = _plain(unet_cfg)
-    for key in ("down_block_types", "up_block_types", "block_out_channels"):
-        if key in cfg:
-            cfg[key] = tuple(cfg[key])
-    return UNet2DConditionModel(**cfg)
-
-
-VOCABULARY_FILES = ("vocab.json", "merges.txt")
+    return _diffusers_module("UNet2DConditionModel", unet_cfg, "model.unet")
 
 
 def save_pipeline(directory: str | Path, vae, text_encoder, tokenizer, unet, scheduler, vocabulary: str | Path) -> None:

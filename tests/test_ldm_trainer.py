@@ -356,3 +356,31 @@ def test_the_shipped_configs_validate_and_the_unet_fits_the_vaes_latent():
         latent = vae.encode(torch.zeros(1, 1, 16, 16)).latent_dist.mean
     assert latent.shape[1:] == (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
     assert model.unet.cross_attention_dim == model.text_encoder.hidden_size
+
+
+def test_augmentation_changes_the_fine_tune_and_early_stopping_is_the_shorter_fine_tune(base_dir, tmp_path):
+    from omegaconf import OmegaConf
+
+    from mia_gen.models.factory import train_model
+
+    def run(out, defense, steps=4):
+        model = OmegaConf.create(tiny_model(steps=steps))
+        train_model(model, images(8, seed=5), out, torch.device("cpu"), progress=False,
+                    defense_cfg=OmegaConf.create(defense), captions=captions(8), base_dir=base_dir)
+        return weights(out / LORA_WEIGHTS)
+
+    plain = run(tmp_path / "plain", {"name": "none"})
+    augmented = run(tmp_path / "augmented", {"name": "augmentation", "hflip": True, "crop_padding": 1,
+                                             "randaugment_ops": 1, "randaugment_magnitude": 0.5,
+                                             "augment_fakes": True})
+    assert any(not torch.equal(plain[k], augmented[k]) for k in plain)
+    stopped = run(tmp_path / "stopped", {"name": "early_stopping", "fraction": 0.5, "steps": None})
+    assert json.loads((tmp_path / "stopped" / "trainer_state.json").read_text())["steps"] == 2
+    assert_same(stopped, run(tmp_path / "two", {"name": "none"}, steps=2))
+
+
+def test_a_model_config_diffusers_cannot_build_says_which_block_to_fix(tmp_path):
+    model = tiny_model()
+    model["unet"]["down_block_types"] = ["NoSuchBlock2D", "DownBlock2D"]
+    with pytest.raises(MiaGenError, match="model.unet could not build a UNet2DConditionModel"):
+        train_ldm_base(model, images(8), captions(8), tmp_path / "base", "cpu", progress=False)

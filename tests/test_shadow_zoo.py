@@ -60,6 +60,20 @@ def test_the_zoo_is_drawn_on_the_split_and_each_shadow_trains_on_its_half(tmp_pa
         pipe.shadow_pipeline(7)
 
 
+def test_a_run_reads_its_zoo_file_once_however_many_shadows_it_fits(tmp_path, monkeypatch):
+    overrides = ZOO + ["attack=[sample_distance,lira,rmia]", "attack.lira.attack=sample_distance",
+                       "attack.rmia.attack=sample_distance"]
+    Pipeline(make_config(overrides, tmp_path / "cache"), tmp_path / "run").run()  # draws and keeps the zoo file
+    loads = []
+    real_load = pipeline_module.ZooMembership.load
+    monkeypatch.setattr(pipeline_module.ZooMembership, "load",
+                        staticmethod(lambda *a, **k: loads.append(a) or real_load(*a, **k)))
+    monkeypatch.setattr(pipeline_module, "draw_zoo", lambda *a, **k: pytest.fail("the zoo was drawn again"))
+    rerun = Pipeline(make_config(overrides + ["attack.rmia.temperature=2.0"], tmp_path / "cache"), tmp_path / "run2")
+    rerun.run()  # rescoring RMIA: every shadow's population view, the zoo read once
+    assert len(loads) == 1
+
+
 def test_a_zoo_multirun_killed_midway_trains_only_the_missing_shadows(tmp_path, monkeypatch):
     calls, real_train = [], pipeline_module.train_model
 
