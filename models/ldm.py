@@ -109,6 +109,9 @@ def build_unet(unet_cfg: Any):
     return _diffusers_module("UNet2DConditionModel", unet_cfg, "model.unet")
 
 
+VOCABULARY_FILES = ("vocab.json", "merges.txt")
+
+
 def save_pipeline(directory: str | Path, vae, text_encoder, tokenizer, unet, scheduler, vocabulary: str | Path) -> None:
     """The components as a `StableDiffusionPipeline` directory (no safety checker, no feature extractor).
 
