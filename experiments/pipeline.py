@@ -56,14 +56,6 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
     os.replace(tmp, path)
 
 
-def _text_conditions(denoiser: torch.nn.Module, captions: list[str]) -> torch.Tensor:
-    """`denoiser.text_conditions(captions)` `(N, L, D)`, each distinct caption embedded once."""
-    distinct = sorted(set(captions))
-    embeddings = denoiser.text_conditions(distinct)
-    position = {caption: i for i, caption in enumerate(distinct)}
-    return embeddings[torch.tensor([position[caption] for caption in captions], device=embeddings.device)]
-
-
 class Pipeline:
     """One run of the framework over a resolved config (see configs/config.yaml)."""
 
@@ -520,7 +512,7 @@ class Pipeline:
                                for i in range(0, n, batch_size)])
             else:  # each sample drawn from its own caption
                 x = torch.cat([generator(z[i : i + batch_size].to(self.device),
-                                         _text_conditions(generator.denoiser, captions[i : i + batch_size])
+                                         generator.denoiser.text_conditions(captions[i : i + batch_size])
                                          ).float().cpu() for i in range(0, n, batch_size)])
             return x, z
 

@@ -122,7 +122,12 @@ class TextEncoder(nn.Module):
 
     def encode(self, captions: list[str]) -> torch.Tensor:
         """`N` captions -> `(N, L, D)` float32 embeddings on the text encoder's device (L = the tokenizer's
-        model_max_length); "" is the unconditional branch."""
+        model_max_length); "" is the unconditional branch. Each distinct caption is embedded once."""
+        distinct = list(dict.fromkeys(captions))
+        if len(distinct) < len(captions):
+            row = {caption: i for i, caption in enumerate(distinct)}
+            embedded = self.encode(distinct)
+            return embedded[torch.tensor([row[caption] for caption in captions], device=embedded.device)]
         tokens = self.tokenizer(list(captions), padding="max_length", max_length=self.tokenizer.model_max_length,
                                 truncation=True, return_tensors="pt")
         device = next(self.text_encoder.parameters()).device

@@ -22,15 +22,10 @@ import torch
 
 from mia_gen.errors import MiaGenError
 from mia_gen.extras import require
+from mia_gen.models.denoiser import _plain
 
 T2I_FEATURE = "model=ldm (text-to-image training)"
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
-
-
-def _plain(cfg: Any) -> dict:
-    from omegaconf import DictConfig, OmegaConf
-
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
 
 
 def caption_words(captions: Iterable[str]) -> list[str]:

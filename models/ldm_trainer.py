@@ -34,13 +34,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torchvision.utils import save_image
 
 from mia_gen.errors import CorruptStoreError, MiaGenError
 from mia_gen.extras import require
+from mia_gen.models.denoiser import _plain
 from mia_gen.hashing import config_hash
 from mia_gen.models.checkpoint import atomic_replace, retrain_hint
 from mia_gen.models.ddpm import build_scheduler, diffusion_loss
@@ -64,10 +64,6 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 VAE_DIR = "vae_training"
 VOCABULARY_DIR = "vocabulary"  # the tokenizer's vocab.json + merges.txt, built from the public captions
 GRID_SIZE = 16
-
-
-def _plain(cfg: Any) -> dict:
-    return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg or {})
 
 
 def _seeds(seed: int, n: int) -> tuple[int, ...]:
