@@ -79,7 +79,7 @@ def best_alpha(scaled: np.ndarray, labels: np.ndarray) -> tuple[float, list[floa
 class CLiD(Attack):
     name = "clid"
     access = Access.WHITE_BOX
-    version = 1
+    version = 2  # 2: the denoiser is called on batches of one fixed shape (batch-invariant on any CPU)
     defaults = {
         "n_timesteps": 3,  # timesteps per record (reference: 3)
         "t_step": 10,  # spacing of the timesteps (reference: 10)

@@ -23,6 +23,7 @@ from mia_gen.attacks.timesteps import (
 class DiffusionLoss(Attack):
     name = "diffusion_loss"
     access = Access.WHITE_BOX
+    version = 2  # 2: the denoiser is called on batches of one fixed shape (batch-invariant on any CPU)
     defaults = {
         "timesteps": [100],  # the score averages the loss over these timesteps
         "n_draws": 4,  # noise draws per record and timestep

@@ -32,6 +32,7 @@ def gaussian_scaled(eps: torch.Tensor) -> torch.Tensor:
 class PIA(Attack):
     name = "pia"
     access = Access.WHITE_BOX
+    version = 2  # 2: the denoiser is called on batches of one fixed shape (batch-invariant on any CPU)
     normalize_eps0 = False
     defaults = {
         "t": 200,  # the attack timestep

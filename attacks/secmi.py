@@ -35,16 +35,20 @@ from mia_gen.attacks.timesteps import (
     epsilon_batched, full_t, repeat_conditions, sweep_list, sweep_scores, x0_of,
 )
 from mia_gen.errors import MiaGenError
+from mia_gen.fixed_batches import in_fixed_chunks
 
 
 TIMESTEP_CONVENTIONS = ("reference", "measured")
+SCORING_ROWS = 16  # t-error maps per classifier call when scoring (a fixed shape: mia_gen/fixed_batches.py)
 
 
 class SecMI(Attack):
     """Shared by both variants: t-error maps at t_sec (and at each sweep timestep)."""
 
     access = Access.WHITE_BOX
-    version = 2  # 2: t_sec in the reference code's convention by default; secmi_nn's ResNet-18
+    # 2: t_sec in the reference code's convention by default; secmi_nn's ResNet-18. 3: every network call
+    # (denoiser, classifier) of one fixed shape (batch-invariant on any CPU)
+    version = 3
     defaults = {
         "t_sec": 100,  # the reference's --t_sec: measures t_sec - k -> t_sec -> t_sec - k (see timestep_convention)
         "k": 10,  # DDIM interval, for the inversion and for the step out and back
@@ -291,8 +295,8 @@ class SecMINN(SecMI):
         classifier = self.fit(inputs[torch.as_tensor(positions, device=context.device)],
                               torch.as_tensor(labels, dtype=torch.float32, device=context.device),
                               int(context.seed))
-        with torch.no_grad():  # eval mode: a record's output does not depend on its batch
-            logits = torch.cat([classifier(inputs[part]) for part in chunks(len(inputs), 1024)])
+        with torch.no_grad():  # eval mode, calls of one shape: a record's logit does not depend on its batch
+            logits = in_fixed_chunks(classifier, inputs, SCORING_ROWS)
         return logits.double().cpu().numpy(), {"trained_on": positions.tolist()}
 
     def fit(self, inputs: torch.Tensor, targets: torch.Tensor, seed: int) -> nn.Module:

@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from mia_gen.errors import CorruptStoreError, MiaGenError, MissingAssetError
+from mia_gen.fixed_batches import in_fixed_chunks
 from mia_gen.models.latent import LatentEncoder, TextEncoder, apply_lora, load_text_encoder, load_vae
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,11 @@ NETWORK_CLASSES = ("UNet2DModel", "UNet2DConditionModel", "DiTTransformer2DModel
 CAPTIONS_HINT = ("give each record's caption (data.captions=true for the digits; a metadata.jsonl with file_name "
                  "and text beside an image folder)")
 PIPELINE_INDEX = "model_index.json"
+# Rows per network call without gradients, by device type (`Denoiser.micro_batch`; mia_gen/fixed_batches.py).
+# Every call gets exactly this many rows, so a record's prediction depends on the record alone, whatever the
+# attack's `batch_size` and whichever CPU runs it; scores are keyed by device type, which fixes the default.
+MICRO_BATCH = {"cpu": 32, "cuda": 128}  # CPU: as fast as the old 256-row calls (BENCHMARKS.md (d3))
+MICRO_BATCH_OTHER = 32
 UNET_WEIGHTS = "diffusion_pytorch_model.safetensors"
 # What a network predicts, in the words of an error message.
 _SPOKEN = {"epsilon": "an epsilon", "v_prediction": "a v-prediction", "sample": "a sample (x0)"}
@@ -74,14 +80,21 @@ class Denoiser(nn.Module):
             `unconditional_text`.
         unconditional_text: `(L, D)`, the embedding of the empty caption, when no `text` is given.
         text_dim: D of a text model's embeddings (default: the network's `cross_attention_dim`).
+        micro_batch: rows per network call without gradients (None: `MICRO_BATCH` of the device type,
+            32 on CPU, 128 on CUDA). Every such call gets exactly this many rows, the last padded; the
+            outputs are float-identical for any size, bit-identical only for the same size on one machine.
     """
 
     def __init__(self, network: nn.Module, alphas_cumprod: torch.Tensor, sample_shape: tuple[int, int, int],
                  prediction_type: str = "epsilon", *, condition_kind: str = "none", num_classes: int | None = None,
                  null_class: int | None = None, guidance_scale: float = 1.0, latent: LatentEncoder | None = None,
                  text: TextEncoder | None = None, unconditional_text: torch.Tensor | None = None,
-                 text_dim: int | None = None) -> None:
+                 text_dim: int | None = None, micro_batch: int | None = None) -> None:
         super().__init__()
+        if micro_batch is not None and (isinstance(micro_batch, bool) or not isinstance(micro_batch, int)
+                                        or micro_batch < 1):
+            raise MiaGenError(f"micro_batch must be a positive integer (rows per network call) or None (the "
+                              f"device's default), got {micro_batch!r}.")
         if prediction_type not in PREDICTION_TYPES:
             raise MiaGenError(
                 f"prediction_type={prediction_type!r} is not supported; set model.prediction_type to one of "
@@ -121,6 +134,7 @@ class Denoiser(nn.Module):
         self.null_class = None if null_class is None else int(null_class)
         self.guidance_scale = float(guidance_scale)
         self.text_dim = int(text_dim) if condition_kind == "text" else None
+        self.micro_batch = None if micro_batch is None else int(micro_batch)
         # Not submodules: `parameters()` stays the denoising network's (GSA, DP); `_apply` moves them along.
         self._encoders = {"latent": latent, "text": text}
         self.register_buffer("unconditional_text", None if unconditional_text is None
@@ -156,6 +170,13 @@ class Denoiser(nn.Module):
     def device(self) -> torch.device:
         parameter = next(self.network.parameters(), None)
         return parameter.device if parameter is not None else torch.device("cpu")
+
+    @property
+    def rows_per_call(self) -> int:
+        """Rows of every network call without gradients: `micro_batch`, or the device type's default."""
+        if self.micro_batch is not None:
+            return self.micro_batch
+        return MICRO_BATCH.get(self.device.type, MICRO_BATCH_OTHER)
 
     def _check_images(self, x: Any, name: str) -> torch.Tensor:
         """Records `(N, C_img, H, W)` (or, for a pixel model, any x in image space) of `image_shape`."""
@@ -288,7 +309,9 @@ class Denoiser(nn.Module):
             condition: per image: class ids `(N,)` int64 for a class-conditional model (`condition_kind`
                 "class"); text embeddings `(N, L, D)` float (`text_conditions(captions)`) for a text model;
                 None for an unconditional one.
-            grad: keep the autograd graph (gradient-based attacks); otherwise runs under no_grad.
+            grad: keep the autograd graph (gradient-based attacks: one network call, the shape the caller
+                gives); otherwise runs under no_grad in calls of exactly `rows_per_call` rows, so a row's
+                prediction does not depend on the other rows or on N.
 
         Returns:
             `(N, C, H, W)` on the model's device, in x_t's dtype.
@@ -297,21 +320,29 @@ class Denoiser(nn.Module):
         condition = self._check_condition(condition, len(x_t))
         x_t = x_t.to(self.device)
         t = t.to(x_t.device)
-        with torch.set_grad_enabled(grad):
-            out = self._predict(x_t, t, None if condition is None else condition.to(x_t.device))
-            c = self.sample_shape[0]
-            if out.shape[1] == 2 * c:  # learned variance (Nichol & Dhariwal): mean prediction first
-                out = out[:, :c]
-            if condition is not None and self.guidance_scale != 1.0:  # classifier-free guidance (Ho & Salimans)
-                uncond = self._predict(x_t, t, self._unconditional(condition, x_t.device))[:, :c]
-                out = uncond + self.guidance_scale * (out - uncond)
-            if self.prediction_type == "epsilon":
-                return out
-            a = self.alphas_cumprod.to(x_t.device)[t].view(-1, 1, 1, 1)
-            sqrt_a, sqrt_1ma = a.sqrt().to(x_t.dtype), (1 - a).sqrt().to(x_t.dtype)
-            if self.prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1-a) x0 (Salimans & Ho, 2022)
-                return sqrt_a * out + sqrt_1ma * x_t
-            return (x_t - sqrt_a * out) / sqrt_1ma  # x_t = sqrt(a) x0 + sqrt(1-a) eps
+        condition = None if condition is None else condition.to(x_t.device)
+        if grad or len(x_t) == 0:  # gradient callers fix their own shapes (GSA: one record's timesteps a call)
+            with torch.set_grad_enabled(grad):
+                return self._epsilon(x_t, t, condition)
+        with torch.no_grad():
+            return in_fixed_chunks(self._epsilon, (x_t, t, condition), self.rows_per_call)
+
+    def _epsilon(self, x_t: torch.Tensor, t: torch.Tensor, condition: torch.Tensor | None) -> torch.Tensor:
+        """`epsilon` of checked inputs on the model's device, in one network call (two with guidance)."""
+        out = self._predict(x_t, t, condition)
+        c = self.sample_shape[0]
+        if out.shape[1] == 2 * c:  # learned variance (Nichol & Dhariwal): mean prediction first
+            out = out[:, :c]
+        if condition is not None and self.guidance_scale != 1.0:  # classifier-free guidance (Ho & Salimans)
+            uncond = self._predict(x_t, t, self._unconditional(condition, x_t.device))[:, :c]
+            out = uncond + self.guidance_scale * (out - uncond)
+        if self.prediction_type == "epsilon":
+            return out
+        a = self.alphas_cumprod.to(x_t.device)[t].view(-1, 1, 1, 1)
+        sqrt_a, sqrt_1ma = a.sqrt().to(x_t.dtype), (1 - a).sqrt().to(x_t.dtype)
+        if self.prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1-a) x0 (Salimans & Ho, 2022)
+            return sqrt_a * out + sqrt_1ma * x_t
+        return (x_t - sqrt_a * out) / sqrt_1ma  # x_t = sqrt(a) x0 + sqrt(1-a) eps
 
     forward = epsilon
 

@@ -15,12 +15,12 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
 
 from mia_gen.errors import CorruptStoreError, MiaGenError, MissingAssetError
+from mia_gen.fixed_batches import in_fixed_chunks
 from mia_gen.extras import require
 
 log = logging.getLogger(__name__)
@@ -32,20 +32,6 @@ LORA_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 _ADAPTER = "mia_gen_lora"
 _PEFT_PREFIX = "base_model.model."
 T2I_FEATURE = "text-to-image models"
-
-
-def in_fixed_chunks(fn: Callable[[torch.Tensor], torch.Tensor], rows: torch.Tensor, size: int) -> torch.Tensor:
-    """`fn` over `rows` (at least one) in calls of exactly `size` rows (the last chunk padded by repeating its
-    last row), under no_grad; the outputs concatenated, padding dropped."""
-    outputs = []
-    with torch.no_grad():
-        for start in range(0, len(rows), size):
-            chunk = rows[start : start + size]
-            n = len(chunk)
-            if n < size:
-                chunk = torch.cat([chunk, chunk[-1:].expand(size - n, *chunk.shape[1:])])
-            outputs.append(fn(chunk)[:n])
-    return torch.cat(outputs)
 
 
 class LatentEncoder(nn.Module):
@@ -83,7 +69,8 @@ class LatentEncoder(nn.Module):
             return torch.zeros(0, self.latent_channels, h // self.downsampling, w // self.downsampling,
                                device=parameter.device)
         images = images.to(parameter.device, parameter.dtype)
-        latents = in_fixed_chunks(lambda x: self.vae.encode(x).latent_dist.mean, images, self.batch_size)
+        with torch.no_grad():
+            latents = in_fixed_chunks(lambda x: self.vae.encode(x).latent_dist.mean, images, self.batch_size)
         return latents.float() * self.scaling_factor
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -95,7 +82,8 @@ class LatentEncoder(nn.Module):
             return torch.zeros(0, self.image_channels, h * self.downsampling, w * self.downsampling,
                                device=parameter.device)
         latents = (latents.float() / self.scaling_factor).to(parameter.device, parameter.dtype)
-        images = in_fixed_chunks(lambda z: self.vae.decode(z).sample, latents, self.batch_size)
+        with torch.no_grad():
+            images = in_fixed_chunks(lambda z: self.vae.decode(z).sample, latents, self.batch_size)
         return images.float().clamp(-1, 1)
 
 
@@ -132,13 +120,12 @@ class TextEncoder(nn.Module):
                                 truncation=True, return_tensors="pt")
         device = next(self.text_encoder.parameters()).device
         ids, mask = tokens.input_ids.to(device), tokens.attention_mask.to(device)
-        length = ids.shape[1]
 
-        def encode(rows: torch.Tensor) -> torch.Tensor:  # rows: token ids and attention mask side by side
-            chunk_ids, chunk_mask = rows[:, :length], rows[:, length:]
+        def encode(chunk_ids: torch.Tensor, chunk_mask: torch.Tensor) -> torch.Tensor:
             return self.text_encoder(chunk_ids, attention_mask=chunk_mask if self.use_attention_mask else None)[0]
 
-        return in_fixed_chunks(encode, torch.cat([ids, mask], dim=1), self.batch_size).float()
+        with torch.no_grad():
+            return in_fixed_chunks(encode, (ids, mask), self.batch_size).float()
 
 
 def load_vae(location: str | Path, local_only: bool, vae_class: str = "AutoencoderKL") -> nn.Module:

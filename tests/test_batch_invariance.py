@@ -17,6 +17,7 @@ import torch
 from mia_gen.attacks import ATTACKS, AttackContext, build_attack
 from mia_gen.sample_store import write_samples
 from mia_gen.models.dcgan import DCGANDiscriminator, DCGANGenerator
+from mia_gen.models.denoiser import Denoiser
 from test_diffusion_attacks import UNetDenoiser
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -102,23 +103,12 @@ def gan(tmp_path_factory):
                  reference_generator=reference_generator)
 
 
-class NoSingleRecordCalls(torch.nn.Module):
-    """A denoiser never called on one record alone. CPU kernels take another path for a batch of one
-    (measured on the tiny UNet: eps 1e-6 apart, bit-identical for any other batch size), and the
-    t-error's cancellation and a classifier trained on t-error maps amplify that rounding far beyond
-    any tolerance (secmi_nn: 1e-4 to 2e-2 relative). Padding such a call to two records leaves the
-    attacks' own dependence on the batch to be tested."""
-
-    def __init__(self, denoiser: torch.nn.Module):
-        super().__init__()
-        self.denoiser = denoiser
-        self.alphas_cumprod, self.num_train_timesteps = denoiser.alphas_cumprod, denoiser.num_train_timesteps
-        self.sample_shape = denoiser.sample_shape
-
-    def epsilon(self, x_t, t):
-        if len(x_t) == 1:
-            return self.denoiser.epsilon(x_t.repeat(2, 1, 1, 1), t.repeat(2))[:1]
-        return self.denoiser.epsilon(x_t, t)
+def as_denoiser(unet: UNetDenoiser) -> Denoiser:
+    """The tiny UNet behind the real `Denoiser`, which calls its network on batches of one fixed shape: CPU
+    kernels take other paths for other batch shapes (an AMD EPYC below 16 rows, an Intel Xeon for one row),
+    and the t-error's cancellation, a classifier trained on t-error maps or LiRA's Gaussian fit amplify that
+    rounding far beyond any tolerance (secmi_nn: 2.5% relative)."""
+    return Denoiser(unet.unet, unet.alphas_cumprod, unet.sample_shape)
 
 
 def perturbed_unet(seed: int) -> UNetDenoiser:
@@ -137,8 +127,8 @@ def diffusion():
     records."""
     queries = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(5)) * 2 - 1
     population = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(6)) * 2 - 1
-    return World(queries, denoiser=NoSingleRecordCalls(UNetDenoiser()), population=population,
-                 shadows=[NoSingleRecordCalls(perturbed_unet(seed)) for seed in range(4)])
+    return World(queries, denoiser=as_denoiser(UNetDenoiser()), population=population,
+                 shadows=[as_denoiser(perturbed_unet(seed)) for seed in range(4)])
 
 
 @pytest.fixture(scope="module")
@@ -203,6 +193,13 @@ CASES = [
 ]
 
 
+# Scores held to a tolerance instead of bit-equality, with the reason. Every network call runs on batches of one
+# fixed shape (mia_gen/fixed_batches.py), so every other attack's scores are bit-identical however the records are
+# batched; Monte Carlo counts samples within eps of squared distances from a BLAS matrix product whose blocking
+# follows the number of queries in a chunk (1e-6 relative, log weights near eps; nothing learns from them).
+TOLERANCES = {"monte_carlo": {"rtol": 1e-5, "atol": 1e-7}}
+
+
 def with_batch_size(name: str, params: dict, key, value) -> dict:
     """The parameters with the batch-size setting at `value` (a wrapping attack's inner one for calibration)."""
     if key is None:
@@ -227,5 +224,8 @@ def test_a_records_score_does_not_depend_on_its_batch(request, name, params, wor
         for call in CALLS:
             positions = np.union1d(call, LABELLED) if attack.needs_labelled_subset else np.asarray(call)
             scores = attack(world.context(positions, attack)).scores
-            np.testing.assert_allclose(scores, together[positions], rtol=1e-5, atol=1e-7,
-                                       err_msg=f"{name} {attack.config}: records {RECORD_IDS[positions]}")
+            message = f"{name} {attack.config}: records {RECORD_IDS[positions]}"
+            if name in TOLERANCES:
+                np.testing.assert_allclose(scores, together[positions], **TOLERANCES[name], err_msg=message)
+            else:
+                np.testing.assert_array_equal(scores, together[positions], err_msg=message)

@@ -371,13 +371,14 @@ def test_dropout_is_switched_off(records):
 
 
 def test_the_pipeline_denoiser_is_attacked_like_the_toy(unet, records):
-    """mia_gen.models.denoiser.Denoiser around the same UNet gives the same scores."""
+    """mia_gen.models.denoiser.Denoiser around the same UNet gives the same scores (to float rounding: it calls the
+    network on batches of `rows_per_call` rows, the toy on the attack's 4, and CPU kernels round by batch shape)."""
     from mia_gen.models.denoiser import Denoiser
 
     wrapped = Denoiser(unet.unet, ddpm_alphas_cumprod(), SHAPE)
     for name in ("pia", "secmi_stat"):
         np.testing.assert_allclose(build_attack(name)(context(wrapped, records[:4])).scores,
-                                   build_attack(name)(context(unet, records[:4])).scores, rtol=1e-5)
+                                   build_attack(name)(context(unet, records[:4])).scores, rtol=1e-4)
 
 
 def test_images_of_the_wrong_shape_are_a_clear_error(records):

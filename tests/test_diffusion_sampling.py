@@ -33,9 +33,11 @@ class LinearEps(torch.nn.Module):
         return 0.5 * x + 1e-4 * t.view(-1, 1, 1, 1)
 
 
-def point_mass_sampler(sampler="ddim", steps=10, eta=None):
+def point_mass_sampler(sampler="ddim", steps=10, eta=None, rows=16):
+    """rows: the Denoiser's rows per network call; the tests that read `network.calls` as the whole batch at one
+    step draw exactly that many samples."""
     network = PointMassEps()
-    return DiffusionSampler(Denoiser(network, ALPHAS, SHAPE), sampler, steps, eta), network
+    return DiffusionSampler(Denoiser(network, ALPHAS, SHAPE, micro_batch=rows), sampler, steps, eta), network
 
 
 def test_timesteps_follow_diffusers_leading_spacing():
@@ -46,7 +48,7 @@ def test_timesteps_follow_diffusers_leading_spacing():
 
 def test_ddim_point_mass_closed_form():
     """With the exact epsilon of a point mass, DDIM keeps eps constant: x_t = sqrt(a_t) X0 + sqrt(1-a_t) eps_T."""
-    sampler, network = point_mass_sampler("ddim", steps=10)
+    sampler, network = point_mass_sampler("ddim", steps=10, rows=5)
     z = sampler.sample_latent(5, torch.Generator().manual_seed(0))
     out = sampler(z)
     assert torch.allclose(out, X0.expand(5, *SHAPE), atol=1e-5)
@@ -73,7 +75,7 @@ def test_ddim_matches_diffusers_without_clipping():
 
 def test_ddpm_point_mass_marginals_and_end_point():
     """Ancestral sampling keeps x_t ~ N(sqrt(a_t) X0, (1 - a_t) I) when the epsilon is exact, and ends at X0."""
-    sampler, network = point_mass_sampler("ddpm", steps=10)
+    sampler, network = point_mass_sampler("ddpm", steps=10, rows=4000)
     z = sampler.sample_latent(4000, torch.Generator().manual_seed(2))
     out = sampler(z)
     assert torch.allclose(out, X0.expand(4000, *SHAPE), atol=1e-4)
