@@ -19,6 +19,13 @@ captions; CLiD's weakened captions too). Counts come from hooks on the networks 
 
     python benchmarks/bench_diffusion_attacks.py [--quick] [--records 256] [--repeats 3] [--device cpu|cuda]
     python benchmarks/bench_diffusion_attacks.py --latent [--records 128] [--threads 1] [--repeats 3]
+
+`--rows-per-call`: the cost of calling the network on batches of one fixed shape (`Denoiser.micro_batch`, which
+makes a record's prediction independent of its batch on any CPU): `Denoiser.epsilon` on N random 1x16x16
+inputs at each `--micro-batches` size, against the bare network called once on all N (what `epsilon` did
+before), with the CPU-sized DDPM. Reported: ms per image and the ratio to the bare call.
+
+    python benchmarks/bench_diffusion_attacks.py --rows-per-call [--records 256] [--micro-batches 16,32,64,128,256]
 """
 
 from __future__ import annotations
@@ -35,7 +42,6 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_knn import machine_info, time_interleaved, write_result  # noqa: E402
 
@@ -185,6 +191,38 @@ def latent_main(args) -> None:
     write_result("diffusion_attacks_latent_quick" if args.quick else "diffusion_attacks_latent", result, args.out)
 
 
+def rows_per_call_main(args) -> None:
+    n_records, repeats = args.records or 256, 1 if args.quick else args.repeats
+    device = resolve_device(args.device)
+    denoiser = cpu_ddpm(device)
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(n_records, *denoiser.sample_shape, generator=generator).to(device)
+    t = torch.randint(0, denoiser.num_train_timesteps, (n_records,), generator=generator).to(device)
+    sizes = [int(size) for size in args.micro_batches.split(",")]
+
+    def fixed(rows):
+        def run():
+            denoiser.micro_batch = rows
+            return denoiser.epsilon(x, t)
+        return run
+
+    def bare():
+        with torch.no_grad():
+            return denoiser.network(x, t).sample
+
+    print(f"{n_records} inputs 1x16x16, device={device}, torch threads={torch.get_num_threads()}", flush=True)
+    timed = time_interleaved({"bare_one_call": bare, **{f"rows_{rows}": fixed(rows) for rows in sizes}}, repeats)
+    bare_s = timed["bare_one_call"]["median_s"]
+    result = {"machine": machine_info(), "records": n_records, "bare_one_call_s": bare_s, "sizes": {}}
+    for rows in sizes:
+        row_s = timed[f"rows_{rows}"]["median_s"]
+        result["sizes"][rows] = {"median_s": row_s, "runs_s": timed[f"rows_{rows}"]["runs_s"],
+                                 "ms_per_image": 1000 * row_s / n_records, "ratio_to_bare": row_s / bare_s}
+        print(f"[rows {rows}] {1000 * row_s / n_records:.3f} ms/image, {row_s / bare_s:.3f}x the bare call "
+              f"({1000 * bare_s / n_records:.3f} ms/image)", flush=True)
+    write_result("rows_per_call_quick" if args.quick else "rows_per_call", result, args.out)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--records", type=int, default=None, help="default 256 (DDPM), 128 (--latent)")
@@ -193,12 +231,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="1 repeat: a smoke test")
     parser.add_argument("--latent", action="store_true", help="the latent text-conditioned case (see above)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--rows-per-call", action="store_true", help="the fixed call shape's cost (see above)")
+    parser.add_argument("--micro-batches", default="16,32,64,128,256")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.latent:
         return latent_main(args)
+    if args.rows_per_call:
+        return rows_per_call_main(args)
     n_records, repeats = (args.records or 256, 1) if args.quick else (args.records or 256, args.repeats)
     device = resolve_device(args.device)
 
