@@ -13,13 +13,11 @@ optimiser steps from the same starts; the two are timed interleaved in one run.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from omegaconf import OmegaConf
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_knn import machine_info, time_interleaved, write_result  # noqa: E402
 

@@ -34,14 +34,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench_diffusion_attacks import cpu_ddpm  # noqa: E402
 from bench_knn import machine_info, time_interleaved, write_result  # noqa: E402
@@ -125,8 +122,10 @@ def compare(batched: np.ndarray, loop: np.ndarray, names: list[str]) -> dict:
 
 
 def bench_gsa(denoiser: Denoiser, records, n_records: int, batch_sizes: list[int], variant: str, repeats: int,
-              device: torch.device, floor: bool) -> dict:
-    timesteps = spread_timesteps(int(GSA.defaults["n_timesteps"]), int(denoiser.num_train_timesteps))
+              device: torch.device, floor: bool, n_timesteps: int | None = None) -> dict:
+    """GSA `variant` at each batch size against the loop (and the floor); k = the attack's default timesteps."""
+    k = int(GSA.defaults["n_timesteps"]) if n_timesteps is None else n_timesteps
+    timesteps = spread_timesteps(k, int(denoiser.num_train_timesteps))
     ids = np.arange(n_records)
     x0 = records.get(ids).float().to(device)
     noise = record_noise(ids, 0, len(timesteps), tuple(x0.shape[1:])).to(device)
