@@ -3,18 +3,18 @@
 `mia-gen-audit` (experiments/audit.py) runs the pipeline on a trained model (`model.checkpoint`), a
 sample store (`sampling.store`) or a synthetic dataset (`synthetic.path`). A target this run did not
 train needs its true training membership (`split.path` or `split.members_file`), or the gate stops:
-a random split would test random records. `verdict()` then compares every attack with
-`audit.max_auc` and `audit.max_tpr` (at `audit.at_fpr`), by the point estimate or, with
-`audit.rule=lower_bound`, by the lower end of its 95% interval. The AUC is the signed `auc` of
-results.json, never max(AUC, 1 - AUC): with `audit.sign=labelled_subset` (the default) each attack's
+a random split would test random records. `verdict()` (experiments/verdict.py) then decides PASS, FAIL or
+INCONCLUSIVE over every (attack, metric) check with simultaneous confidence (`audit.rule=simultaneous`, the
+default; `point` and `lower_bound` are the earlier rules). The AUC is the signed AUC of the evaluated scores
+(scores.csv), never max(AUC, 1 - AUC): with `audit.sign=labelled_subset` (the default) each attack's
 sign is learnt on the labelled calibration subset, which is then left out, so leakage with the
 wrong sign is caught without fitting the sign on the evaluated records. When the blind baseline
 tells members from non-members without the model, the verdict says the split is shifted.
 
 `audit.md` / `audit.json` in the run directory (written before any W&B call) say which attack
 failed and which records were most exposed (highest scores, with their nearest generated samples
-in nearest_neighbours.png). Exit codes (experiments/audit.py): 0 passed, 1 failed, 2 no verdict
-(usage or config error, crash).
+in nearest_neighbours.png). Exit codes (experiments/audit.py): 0 PASS, 1 FAIL, 2 no verdict (usage or config
+error, crash), 3 INCONCLUSIVE.
 """
 
 from __future__ import annotations
@@ -22,15 +22,14 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mia_gen.errors import MiaGenError
-from mia_gen.metrics import fpr_is_resolvable
+from mia_gen.experiments.verdict import at_fpr_key, check_settings, verdict
 from mia_gen.splits import membership_source
 
 log = logging.getLogger(__name__)
@@ -77,74 +76,7 @@ def select_attacks(cfg: DictConfig, config_dir: str) -> DictConfig:
     return cfg
 
 
-RULES = ("point", "lower_bound")
 SIGNS = ("labelled_subset", "declared")
-
-
-def _at_fpr_key(values: Mapping, fpr: float) -> str:
-    key = next((k for k in values if float(k) == float(fpr)), None)
-    if key is None:
-        raise MiaGenError(f"audit.at_fpr={fpr} is not among evaluation.alphas ({sorted(values)}); add it there.")
-    return key
-
-
-def check_settings(max_auc: float | None, max_tpr: float | None, rule: str) -> None:
-    """Refuse a gate without a threshold or with an unknown rule (before anything is computed)."""
-    if max_auc is None and max_tpr is None:
-        raise MiaGenError("the audit needs a threshold: set audit.max_auc (e.g. 0.6) and/or audit.max_tpr.")
-    if rule not in RULES:
-        raise MiaGenError(f"audit.rule must be one of {RULES} (point: the estimate; lower_bound: the lower end "
-                          f"of its 95% interval), got {rule!r}.")
-
-
-def verdict(results: Sequence[Mapping], max_auc: float | None, max_tpr: float | None, at_fpr: float,
-            rule: str = "point") -> dict:
-    """Per attack: its leakage and whether it passes; `passed` is True only if every attack does.
-
-    Each result is an attack entry of results.json: `auc` (of the signed scores, in [0, 1]),
-    `ci95["auc"]` and `ci95["tpr_at_fpr"][alpha]` (`[lo, hi]`, or None without a bootstrap),
-    `tpr_at_fpr[alpha]`. Each row carries the AUC, its interval and the TPR at `at_fpr` (with its
-    interval). `rule="point"` compares the estimates with the thresholds (the conservative default
-    of a release gate); `rule="lower_bound"` compares the lower ends of the 95% intervals, so an
-    attack fails only on leakage significantly above the threshold. AUC is read as written, never as
-    max(AUC, 1 - AUC): the sign was fixed before the evaluated records were seen.
-    """
-    check_settings(max_auc, max_tpr, rule)
-    rows = []
-    for result in results:
-        key = _at_fpr_key(result["tpr_at_fpr"], at_fpr)
-        ci95 = result.get("ci95") or {}
-        row = {"attack": result["attack"], "access": result["access"],
-               "sign": result.get("sign", 1), "sign_source": result.get("sign_source", "declared"),
-               "auc": float(result["auc"]), "ci95": ci95.get("auc"),
-               "tpr": float(result["tpr_at_fpr"][key]), "tpr_ci95": (ci95.get("tpr_at_fpr") or {}).get(key),
-               "reasons": [], "notes": []}
-        n_non_members = result.get("n_non_members")
-        if n_non_members is not None and not fpr_is_resolvable(at_fpr, int(n_non_members)):
-            row["notes"].append(f"only {n_non_members} non-members: the TPR at FPR {at_fpr:g} is the TPR at zero "
-                                f"false positives (evaluate on at least {math.ceil(1 / at_fpr - 1e-9)} non-members).")
-        for metric, limit, name in (("auc", max_auc, "AUC"), ("tpr", max_tpr, f"TPR@{at_fpr:g}FPR")):
-            if limit is None:
-                continue
-            interval = row["ci95" if metric == "auc" else "tpr_ci95"]
-            if rule == "lower_bound" and interval is None:
-                raise MiaGenError("audit.rule=lower_bound needs the 95% intervals; set evaluation.n_bootstrap "
-                                  "> 0 (e.g. 1000) or use audit.rule=point.")
-            read = row[metric] if rule == "point" else float(interval[0])
-            if read > limit:
-                what = f"{name} {row[metric]:.3f}" if rule == "point" else \
-                    f"{name} {row[metric]:.3f}, 95% CI lower bound {read:.3f},"
-                row["reasons"].append(f"{what} > max_{metric} {limit}")
-        if row["ci95"] is not None and row["ci95"][1] < 0.5:
-            row["notes"].append(
-                f"AUC significantly below 0.5: the scores separate members in the direction opposite to "
-                f"the {row['sign_source']} sign, so this row may understate leakage"
-                + (" (use audit.sign=labelled_subset)." if row["sign_source"] == "declared" else
-                   " (the labelled subset is too small to fix the sign: raise evaluation.labelled_fraction)."))
-        row["passed"] = not row["reasons"]
-        rows.append(row)
-    return {"passed": all(r["passed"] for r in rows), "max_auc": max_auc, "max_tpr": max_tpr,
-            "at_fpr": at_fpr, "rule": rule, "attacks": rows}
 
 
 def shift_warning(blind_baseline: Mapping | None) -> str | None:
@@ -185,13 +117,16 @@ def membership(pipeline) -> str:
                             f"with seed {split.seed} from the other records)"}[source]
 
 
-def evaluated_ids(scores_csv: Path) -> dict[str, np.ndarray]:
-    """Per attack, the record ids it was evaluated on (the rows of the run's scores.csv)."""
-    ids: dict[str, list[int]] = {}
+def evaluated_scores(scores_csv: Path) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per attack, `(record_ids, is_member, signed score)` of the records it was evaluated on (the run's
+    scores.csv, which holds the evaluated records with their signed scores)."""
+    rows: dict[str, list[tuple[int, int, float]]] = {}
     with open(scores_csv, newline="") as handle:
         for row in csv.DictReader(handle):
-            ids.setdefault(row["attack"], []).append(int(row["record_id"]))
-    return {name: np.asarray(values) for name, values in ids.items()}
+            rows.setdefault(row["attack"], []).append((int(row["record_id"]), int(row["is_member"]),
+                                                       float(row["score"])))
+    return {name: (np.asarray([r[0] for r in values]), np.asarray([r[1] for r in values]),
+                   np.asarray([r[2] for r in values], dtype=np.float64)) for name, values in rows.items()}
 
 
 def most_exposed(scored: Mapping[str, Mapping], evaluated: Mapping[str, np.ndarray], signs: Mapping[str, int],
@@ -214,29 +149,69 @@ def _interval(values) -> str:
     return "" if values is None else f" [{values[0]:.3f}, {values[1]:.3f}]"
 
 
+MEANING = {
+    "PASS": "every check's whole interval lies inside its allowed region: with the stated simultaneous confidence, "
+            "no attack here leaks more than its threshold on these records. It is evidence about these attacks, "
+            "this access level and these records, not a proof that the release is safe.",
+    "FAIL": "some check's whole interval lies beyond its threshold: leakage above the threshold is shown with the "
+            "stated simultaneous confidence.",
+    "INCONCLUSIVE": "no check shows leakage beyond its threshold, but not every check shows leakage below it: "
+                    "'not shown to leak' is not 'safe'. The table says how many records would decide.",
+}
+TITLE = {"PASS": "PASSED", "FAIL": "FAILED", "INCONCLUSIVE": "INCONCLUSIVE"}
+
+
+def _rule_text(decision: dict) -> str:
+    if decision["rule"] == "simultaneous":
+        return (f"simultaneous: {decision['n_checks']} checks (attack x metric), each interval at "
+                f"{100 * decision['check_level']:.3g}% (Bonferroni), so that all hold together with "
+                f"{100 * decision['confidence']:g}% confidence; AUC intervals by DeLong, TPR intervals by a stratified "
+                "bootstrap; leakage counts on both sides of AUC 0.5")
+    if decision["rule"] == "point":
+        return "point (earlier rule): an attack fails when its estimate exceeds a threshold; no uncertainty"
+    return ("lower_bound (earlier rule): an attack fails only when the lower end of its 95% interval exceeds a "
+            "threshold; no correction for several attacks")
+
+
+def _verdict_cell(row: dict) -> str:
+    if row["decision"] == "pass":
+        return "pass"
+    if row["decision"] == "fail":
+        return "FAIL: " + "; ".join(row["reasons"])
+    needs = [f"{c['metric'].upper()}: ~{c['records_to_decide']['members']} members / "
+             f"{c['records_to_decide']['non_members']} non-members" for c in row.get("checks", [])
+             if c["decision"] == "inconclusive" and c.get("records_to_decide")]
+    return "inconclusive" + (f" (to decide: {'; '.join(needs)})" if needs else "")
+
+
 def write_audit(run_dir: Path, decision: dict, exposed: list[dict]) -> None:
     """`audit.json` (the decision and the most exposed members) and `audit.md` (the same, readable)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "audit.json").write_text(json.dumps({**decision, "most_exposed": exposed}, indent=2))
+    outcome = decision["outcome"]
     thresholds = ", ".join(f"{k} = {decision[k]}" for k in ("max_auc", "max_tpr") if decision[k] is not None)
-    rule = ("point (the default): an attack fails when its estimate exceeds a threshold"
-            if decision["rule"] == "point" else
-            "lower_bound: an attack fails only when the lower end of its 95% interval exceeds a threshold "
-            "(significant leakage; the default is point)")
-    lines = [f"# Release audit: {'PASSED' if decision['passed'] else 'FAILED'}", ""]
+    simultaneous = decision["rule"] == "simultaneous"
+    lines = [f"# Release audit: {TITLE[outcome]}", ""]
     lines += [f"> **WARNING: {warning}**\n" for warning in decision["warnings"]]
-    lines += [f"Audited: {decision['audited']}", f"Membership: {decision['membership']}",
-              f"Thresholds: {thresholds} (TPR at FPR {decision['at_fpr']:g}).", f"Rule: {rule}.",
+    lines += [f"{TITLE[outcome]}: {MEANING[outcome]}" if simultaneous else "", "",
+              f"Audited: {decision['audited']}", f"Membership: {decision['membership']}",
+              f"Thresholds: {thresholds} (TPR at FPR {decision['at_fpr']:g}).", f"Rule: {_rule_text(decision)}.",
               f"Sign: evaluation.sign={decision['sign']} ("
               + ("each attack's sign learnt on the labelled calibration subset, which is then not evaluated; "
                  if decision["sign"] == "labelled_subset" else "each attack's own direction; ")
-              + "the AUC is read as written, never as max(AUC, 1 - AUC)).", "",
-              f"| attack | access | sign | AUC [95% CI] | TPR@{decision['at_fpr']:g}FPR [95% CI] | verdict |",
-              "|---|---|---|---|---|---|"]
+              + "the AUC is read as written, never as max(AUC, 1 - AUC)).", ""]
+    interval = "simultaneous CI" if simultaneous else "95% CI"
+    lines += [f"| attack | access | sign | members / non-members | AUC [{interval}] | "
+              f"TPR@{decision['at_fpr']:g}FPR [{interval}] | verdict |", "|---|---|---|---|---|---|---|"]
     for row in decision["attacks"]:
-        lines.append(f"| {row['attack']} | {row['access']} | {row['sign']:+d} ({row['sign_source']}) | "
-                     f"{row['auc']:.3f}{_interval(row['ci95'])} | {row['tpr']:.3f}{_interval(row['tpr_ci95'])} | "
-                     f"{'pass' if row['passed'] else 'FAIL: ' + '; '.join(row['reasons'])} |")
+        sizes = f"{row['n_members']} / {row['n_non_members']}" if "n_members" in row else ""
+        auc_interval = row.get("auc_interval", row.get("ci95"))
+        tpr = "" if row.get("tpr") is None else f"{row['tpr']:.3f}{_interval(row.get('tpr_interval', row.get('tpr_ci95')))}"
+        lines.append(f"| {row['attack']} | {row['access']} | {row['sign']:+d} ({row['sign_source']}) | {sizes} | "
+                     f"{row['auc']:.3f}{_interval(auc_interval)} | {tpr} | {_verdict_cell(row)} |"
+                     if row.get("auc") is not None else
+                     f"| {row['attack']} | {row['access']} | {row['sign']:+d} ({row['sign_source']}) | {sizes} | | "
+                     f"{tpr} | {_verdict_cell(row)} |")
     notes = [f"- {row['attack']}: {note}" for row in decision["attacks"] for note in row["notes"]]
     if notes:
         lines += ["", "Notes:", "", *notes]
@@ -258,9 +233,9 @@ def run_audit(cfg: DictConfig, run_dir: Path, config_dir: str) -> dict:
     from mia_gen.experiments.pipeline import Pipeline
 
     audit: Any = cfg.audit
-    rule = str(audit.rule)
-    check_settings(audit.get("max_auc"), audit.get("max_tpr"), rule)
-    _at_fpr_key({str(alpha): None for alpha in cfg.evaluation.alphas}, float(audit.at_fpr))
+    rule = audit.rule
+    check_settings(audit.get("max_auc"), audit.get("max_tpr"), rule, audit.get("at_fpr"), audit.get("confidence"))
+    at_fpr_key({str(alpha): None for alpha in cfg.evaluation.alphas}, float(audit.at_fpr))
     if audit.sign not in SIGNS:
         raise MiaGenError(f"audit.sign must be one of {SIGNS}, got {audit.sign!r}.")
     cfg = select_attacks(cfg, config_dir)
@@ -272,15 +247,19 @@ def run_audit(cfg: DictConfig, run_dir: Path, config_dir: str) -> dict:
 
     def decide(_results) -> None:
         payload = json.loads((run_dir / "results.json").read_text())
+        evaluated = evaluated_scores(run_dir / "scores.csv")
         decision = verdict(payload["attacks"], audit.get("max_auc"), audit.get("max_tpr"), float(audit.at_fpr),
-                           rule)
+                           rule, scores={name: (labels, scores) for name, (_, labels, scores) in evaluated.items()},
+                           confidence=float(audit.confidence), n_bootstrap=int(cfg.evaluation.n_bootstrap),
+                           seed=int(cfg.seed))
         blind = payload.get("blind_baseline")
         warning = shift_warning(blind)
         decision.update(audited=pipeline.external_target or f"the model {cfg.model.name} trained by this run",
                         membership=where, sign=str(audit.sign), blind_baseline=blind,
                         split_shifted=warning is not None, warnings=[warning] if warning else [])
         signs = {row["attack"]: row["sign"] for row in decision["attacks"]}
-        exposed = most_exposed(pipeline.attack(require_cached=True), evaluated_ids(run_dir / "scores.csv"), signs,
+        exposed = most_exposed(pipeline.attack(require_cached=True),
+                               {name: ids for name, (ids, _, _) in evaluated.items()}, signs,
                                pipeline.split.members, int(audit.top_records))
         write_audit(run_dir, decision, exposed)
         decided.update(decision)
