@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from mia_gen.errors import MiaGenError
+from mia_gen.statistic import Statistic
 
 
 class Access(str, enum.Enum):
@@ -171,6 +172,11 @@ class Attack:
     def score(self, context: AttackContext) -> AttackOutput:
         raise NotImplementedError
 
+    def statistic(self, context: AttackContext) -> Optional[Statistic]:
+        """The type of the per-record statistic behind these scores (`mia_gen.statistic`: direction, reduction,
+        scale), which LiRA and RMIA read; None where the attack does not declare one."""
+        return None
+
     def check_split_sizes(self, n_members: int, n_non_members: int) -> None:
         """Fail before any work when the split cannot serve the attack (e.g. groups larger than it)."""
 
@@ -264,6 +270,16 @@ class WrapperAttack(Attack):
 
     def code_versions(self) -> dict[str, int]:
         return {**self.inner.code_versions(), self.name: self.version}
+
+    def inner_statistic(self, context: AttackContext, setting: str) -> Statistic:
+        """The wrapped attack's statistic type; a clear error when it declares none (`setting` needs it)."""
+        statistic = self.inner.statistic(context)
+        if statistic is None:
+            raise MiaGenError(
+                f"attack '{self.name}': {setting} reads the statistic's type (its scale, its sign), but "
+                f"'{self.attack}' does not declare one; attacks that do: diffusion_loss, pia, pian, secmi_stat, "
+                "sample_distance.")
+        return statistic
 
     def require_per_record_statistic(self, what: str) -> None:
         """Refuse a wrapped attack whose scores are not a plain per-record statistic (`what` the wrapper does)."""

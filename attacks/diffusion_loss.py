@@ -15,8 +15,9 @@ import torch
 from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
 from mia_gen.attacks.timesteps import (
     check_images, check_positive_int, check_timesteps, chunks, conditions_of, denoiser_of, epsilon_batched,
-    forward_noise, record_noise, repeat_conditions, sweep_list, sweep_scores, x0_of,
+    forward_noise, record_noise, repeat_conditions, sample_dims, sweep_list, sweep_scores, x0_of,
 )
+from mia_gen.statistic import Statistic
 
 
 @register_attack
@@ -55,6 +56,10 @@ class DiffusionLoss(Attack):
             loss = ((predicted.double() - eps_jobs.double()) ** 2).flatten(1).sum(dim=1)
             out[part] = loss.view(n, len(timesteps), n_draws).cpu()
         return out
+
+    def statistic(self, context: AttackContext) -> Statistic:
+        return Statistic("denoising loss (squared error summed over x0's dimensions)", True, "sum",
+                         sample_dims(context, self.name))
 
     def score(self, context: AttackContext) -> AttackOutput:
         denoiser = denoiser_of(context, self.name)

@@ -28,15 +28,20 @@ import numpy as np
 from mia_gen.attacks.base import AttackContext, AttackOutput, WrapperAttack, build_attack, register_attack
 from mia_gen.attacks.shadow_stats import ShadowScores, lira_offline, lira_online
 from mia_gen.errors import MiaGenError
+from mia_gen.statistic import TRANSFORMS
 
 MODES = ("online", "offline")
 
 
-def shadow_statistics(attacks: list, context: AttackContext) -> tuple[np.ndarray, np.ndarray]:
-    """The statistic (negated scores) of each query attack on the target `(N, Q)` and on every shadow
-    `(K, N, Q)`."""
+def shadow_statistics(attacks: list, context: AttackContext, transform: str | None = None
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """The statistic of each query attack (lower = member: its scores negated, or with `transform` its declared
+    statistic transformed, `mia_gen.statistic`) on the target `(N, Q)` and on every shadow `(K, N, Q)`."""
     def statistic(view: AttackContext) -> np.ndarray:
-        return -np.stack([attack(view).scores for attack in attacks], axis=1)
+        if transform is None:
+            return -np.stack([attack(view).scores for attack in attacks], axis=1)
+        return np.stack([attack.statistic(view).transformed(transform).values(attack(view).scores)
+                         for attack in attacks], axis=1)
 
     return statistic(context), np.stack([statistic(shadow) for shadow in context.shadow_models])
 
@@ -62,6 +67,7 @@ class LiRA(WrapperAttack):
         "mode": "online",  # online: IN and OUT fits | offline: OUT shadows only
         "global_variance": False,  # one variance for all records (the paper's choice for few shadows)
         "estimator": "reference",  # reference: the paper's code (median, np.std) | unbiased: mean, ddof=1
+        "transform": None,  # null | log (a positive, skewed statistic: distances, losses) | logit (one in (0, 1))
     }
     needs_shadow_models = True
 
@@ -70,6 +76,8 @@ class LiRA(WrapperAttack):
         if self.mode not in MODES:
             raise MiaGenError(f"attack '{self.name}': mode must be one of {list(MODES)}, got {self.mode!r}.")
         self.require_per_record_statistic("fits a per-record statistic over shadow models")
+        if self.transform not in TRANSFORMS:
+            raise MiaGenError(f"attack '{self.name}': transform must be null, log or logit, got {self.transform!r}.")
         queries = self.queries
         if queries is not None and (not isinstance(queries, (list, tuple)) or not queries
                                     or not all(isinstance(q, dict) for q in queries)):
@@ -83,7 +91,9 @@ class LiRA(WrapperAttack):
             {k: v for k, v in q.config.items() if k != "_target_"} for q in self.query_attacks]
 
     def score(self, context: AttackContext) -> AttackOutput:
-        target, shadows = shadow_statistics(self.query_attacks, context)
+        if self.transform is not None:
+            self.inner_statistic(context, f"transform={self.transform}")
+        target, shadows = shadow_statistics(self.query_attacks, context, self.transform)
         fit_kwargs = {"global_variance": bool(self.global_variance), "estimator": self.estimator}
         if self.mode == "online":
             fit = lira_online(target, shadows, context.shadow_membership, **fit_kwargs)

@@ -17,9 +17,10 @@ import torch
 from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
 from mia_gen.attacks.timesteps import (
     check_images, check_positive_int, check_timesteps, chunks, conditions_of, denoiser_of, epsilon_batched,
-    forward_noise, full_t, repeat_conditions, sweep_list, sweep_scores, x0_of,
+    forward_noise, full_t, repeat_conditions, sample_dims, sweep_list, sweep_scores, x0_of,
 )
 from mia_gen.errors import MiaGenError
+from mia_gen.statistic import Statistic
 
 
 def gaussian_scaled(eps: torch.Tensor) -> torch.Tensor:
@@ -40,6 +41,10 @@ class PIA(Attack):
         "sweep_timesteps": None,  # null | list: also score at each t (info["sweep"])
         "batch_size": 256,  # model inputs per call
     }
+
+    def statistic(self, context: AttackContext) -> Statistic:
+        return Statistic(f"PIA distance (L{self.p} norm of eps0 - eps over x0's dimensions)", True, "norm",
+                         sample_dims(context, self.name), p=float(self.p))
 
     def distances(self, context: AttackContext, timesteps: list[int]) -> torch.Tensor:
         """||eps0 - eps_theta(x_t, t)||_p for every record and timestep, `(Q, len(timesteps))` float64."""

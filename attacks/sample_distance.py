@@ -18,6 +18,7 @@ from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, re
 from mia_gen.errors import MiaGenError
 from mia_gen.features import as_numpy
 from mia_gen.neighbours import nearest_neighbours
+from mia_gen.statistic import Statistic
 
 
 @register_attack
@@ -47,6 +48,12 @@ class SampleDistance(Attack):
             )
             return lambda x: embedding(x.to(device))
         raise MiaGenError(f"sample_distance: unknown distance '{self.distance}'; use 'l2' or 'lpips'.")
+
+    def statistic(self, context: AttackContext) -> Statistic:
+        if self.distance == "lpips":  # LPIPS averages over positions already
+            return Statistic("LPIPS distance to the nearest generated sample(s)", True, "mean", 1)
+        return Statistic("L2 distance to the nearest generated sample(s)", True, "norm",
+                         int(np.prod(context.queries.shape[1:])), p=2.0)
 
     def score(self, context: AttackContext) -> AttackOutput:
         if self.aggregate not in ("min", "mean"):

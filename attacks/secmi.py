@@ -32,10 +32,11 @@ from torch import nn
 from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, register_attack
 from mia_gen.attacks.timesteps import (
     check_images, check_positive_int, check_timesteps, chunks, conditions_of, ddim_step, denoiser_of,
-    epsilon_batched, full_t, repeat_conditions, sweep_list, sweep_scores, x0_of,
+    epsilon_batched, full_t, repeat_conditions, sample_dims, sweep_list, sweep_scores, x0_of,
 )
 from mia_gen.errors import MiaGenError
 from mia_gen.fixed_batches import in_fixed_chunks
+from mia_gen.statistic import Statistic
 
 
 TIMESTEP_CONVENTIONS = ("reference", "measured")
@@ -157,6 +158,10 @@ def t_error(maps: torch.Tensor) -> torch.Tensor:
 @register_attack
 class SecMIStat(SecMI):
     name = "secmi_stat"
+
+    def statistic(self, context: AttackContext) -> Statistic:
+        return Statistic("SecMI t-error (squared error summed over x0's dimensions)", True, "sum",
+                         sample_dims(context, self.name))
 
     def score_maps(self, maps, context):
         return (-t_error(maps)).numpy(), {}

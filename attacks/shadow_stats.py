@@ -36,6 +36,9 @@ MIN_VARIANCE = 1e-12
 # What the reference code adds to every standard deviation (plot.py: `std + 1e-30`).
 REFERENCE_STD_EPSILON = 1e-30
 
+# Below this spread (in log) across records, offline RMIA's Pr(x) is a constant: the correction does nothing.
+CONSTANT_CORRECTION = 1e-9
+
 NO_IN = "no IN shadow"
 NO_OUT = "no OUT shadow"
 ONE_IN = "one IN shadow: no per-record variance (use global_variance=True or more shadows)"
@@ -315,6 +318,14 @@ def rmia(target: np.ndarray, references: np.ndarray, target_population: np.ndarr
     if (reasons_z != "").any():
         raise MiaGenError(f"Offline RMIA: {int((reasons_z != '').sum())} population record(s) z are IN every "
                           "reference model, so Pr(z) has no OUT estimate; leave them out of the population.")
+    if offline_a is not None and offline_a < 1:
+        spread = np.ptp(log_marginal_x[np.isfinite(log_marginal_x)]) if np.isfinite(log_marginal_x).sum() > 1 else 1.0
+        if spread < CONSTANT_CORRECTION:
+            raise MiaGenError(
+                f"Offline RMIA: Pr(x) = 0.5 ((1 + a) Pr_OUT(x) + (1 - a)) is the same for every record (it varies by "
+                f"{spread:.1e} in log): Pr_OUT(x) is negligible beside 1 - a = {1 - offline_a:g}, so the scores "
+                "would rank records exactly as the plain statistic does. Map the statistic to probabilities on its "
+                "own scale (attack.rmia.temperature=auto, the statistic's per-dimension scale) or set offline_a=1.")
     log_ratio_x = log_probability(target) - log_marginal_x  # (N,), NaN where not scored
     log_ratio_z = log_probability(target_population) - log_marginal_z  # (M,)
     # LR(x, z) >= gamma  <=>  log_ratio_z + log(gamma) <= log_ratio_x

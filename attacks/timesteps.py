@@ -178,6 +178,11 @@ def check_images(queries: torch.Tensor, denoiser, attack_name: str) -> None:
         )
 
 
+def sample_dims(context, attack_name: str) -> int:
+    """The number of dimensions of x0, what the network denoises (a statistic reduced over them)."""
+    return int(np.prod(denoiser_of(context, attack_name).sample_shape))
+
+
 def x0_of(queries: torch.Tensor, denoiser, device) -> torch.Tensor:
     """The records as x0, what the network denoises, float32 on `device`: `denoiser.to_x0(queries)` (the
     images themselves for a pixel model; a latent model's VAE posterior mean times scaling_factor), or the

@@ -123,7 +123,11 @@ def test_lira_and_rmia_through_the_pipeline_equal_their_formulas_on_each_shadows
     target_z = -inner(pipe.context_for(inner, ids=pipe.split.reference)).scores
     expected = lira_online(target, np.stack(stats), np.array(membership)).scores
     np.testing.assert_allclose(scored["lira"]["scores"], expected)
-    expected_rmia = rmia(target, np.stack(stats), target_z, np.stack(stats_z)).scores
+    # temperature=auto: an L2 distance over d = C*H*W dimensions has per-dimension scale sqrt(d)
+    temperature = np.sqrt(np.prod(queries.shape[1:]))
+    assert scored["rmia"]["info"]["temperature"] == pytest.approx(temperature)
+    expected_rmia = rmia(target, np.stack(stats), target_z, np.stack(stats_z),
+                         log_probability=lambda s: -s / temperature).scores
     np.testing.assert_allclose(scored["rmia"]["scores"], expected_rmia)
     # a memoriser leaks its members: both beat chance by a margin, and report their shadows
     for name in ("lira", "rmia"):
@@ -260,7 +264,7 @@ def test_the_ddpm_shadow_preset_runs_end_to_end_at_a_tiny_scale(tmp_path):
     ("lira", {"mode": "both"}, "mode must be one of"),
     ("lira", {"queries": [50, 100]}, "list of parameter overrides"),
     ("rmia", {"mode": "offline"}, "needs offline_a in"),
-    ("rmia", {"temperature": 0}, "temperature must be a positive number"),
+    ("rmia", {"temperature": 0}, "temperature must be auto .* or a positive number"),
     ("lira", {"attack": "lira"}, "cannot wrap itself"),
 ])
 def test_shadow_attack_settings_that_cannot_work_are_refused_when_built(name, params, message):
