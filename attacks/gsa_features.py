@@ -29,6 +29,7 @@ from torch import nn
 from mia_gen.attacks.timesteps import chunks, forward_noise, record_noise, x0_of
 from mia_gen.errors import MiaGenError
 from mia_gen.extras import require
+from mia_gen.fixed_batches import pad_rows
 from mia_gen.models.denoiser import Denoiser
 
 VARIANTS = ("gsa1", "gsa2")
@@ -103,12 +104,15 @@ def gradient_norms(loss_fn: LossFn, params: dict[str, torch.Tensor], x0: torch.T
 
     out = torch.empty(len(x0), len(params), dtype=torch.float64)
     for part in chunks(len(x0), batch_size):
+        # every vmapped call holds exactly batch_size records (the last chunk padded, its padding dropped):
+        # kernels round by shape, and a record's features must not depend on which records share its call
+        n = part.stop - part.start
+        x, eps = pad_rows(x0[part], batch_size), pad_rows(noise[part], batch_size)
         if variant == "gsa1":
-            out[part] = norms(per_record(params, x0[part], timesteps, noise[part])).cpu()
+            out[part] = norms(per_record(params, x, timesteps, eps))[:n].cpu()
         else:
-            out[part] = torch.stack([
-                norms(per_record(params, x0[part], timesteps[i:i + 1], noise[part, i:i + 1])).cpu()
-                for i in range(len(timesteps))]).mean(dim=0)
+            out[part] = torch.stack([norms(per_record(params, x, timesteps[i:i + 1], eps[:, i:i + 1]))[:n].cpu()
+                                     for i in range(len(timesteps))]).mean(dim=0)
     return out
 
 

@@ -44,7 +44,7 @@ from bench_diffusion_attacks import cpu_ddpm  # noqa: E402
 from bench_knn import machine_info, time_interleaved, write_result  # noqa: E402
 
 from mia_gen.attacks import AttackContext, build_attack  # noqa: E402
-from mia_gen.attacks.gsa import GSA, spread_timesteps  # noqa: E402
+from mia_gen.attacks.gsa import GSA, reference_timesteps  # noqa: E402
 from mia_gen.attacks.gsa_features import gsa_features  # noqa: E402
 from mia_gen.attacks.shadow_stats import lira_online  # noqa: E402
 from mia_gen.attacks.timesteps import chunks, forward_noise, record_noise  # noqa: E402
@@ -125,7 +125,7 @@ def bench_gsa(denoiser: Denoiser, records, n_records: int, batch_sizes: list[int
               device: torch.device, floor: bool, n_timesteps: int | None = None) -> dict:
     """GSA `variant` at each batch size against the loop (and the floor); k = the attack's default timesteps."""
     k = int(GSA.defaults["n_timesteps"]) if n_timesteps is None else n_timesteps
-    timesteps = spread_timesteps(k, int(denoiser.num_train_timesteps))
+    timesteps = reference_timesteps(k, int(denoiser.num_train_timesteps))
     ids = np.arange(n_records)
     x0 = records.get(ids).float().to(device)
     noise = record_noise(ids, 0, len(timesteps), tuple(x0.shape[1:])).to(device)

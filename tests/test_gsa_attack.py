@@ -15,12 +15,13 @@ import torch
 import yaml
 from sklearn.ensemble import HistGradientBoostingClassifier
 from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import scale
 from threadpoolctl import threadpool_limits
 from torch import nn
 
 from mia_gen.attacks import AttackContext, build_attack
-from mia_gen.attacks.gsa import GSA, spread_timesteps
+from mia_gen.attacks.gsa import GSA, reference_timesteps, spread_timesteps
 from mia_gen.errors import MiaGenError, MissingExtraError
 from mia_gen.models.denoiser import Denoiser
 from mia_gen.record_rng import record_generator
@@ -133,19 +134,43 @@ def reference_features(net, x0, record_ids, seed, timesteps, variant, conditions
     return np.array(rows)
 
 
-def reference_scores(target, shadows, membership, x0, record_ids, seed, timesteps, variant, standardize=True,
-                     n_estimators=200, conditions=None) -> tuple[np.ndarray, np.ndarray]:
-    """Scores and the target's raw features, from `reference_features`."""
-    prepare = scale if standardize else (lambda f: f)
-    shadow_features = np.concatenate([
-        prepare(reference_features(s.network, x0, record_ids, seed, timesteps, variant, conditions)) for s in shadows])
+def reference_scores(target, shadows, membership, x0, record_ids, seed, timesteps, variant, standardize="pooled",
+                     test_size=0.3, n_estimators=200, conditions=None) -> tuple[np.ndarray, np.ndarray]:
+    """Scores and the target's raw features: `reference_features`, then GSA's `test_attack_accuracy.py`
+    (py85252876/GSA@494ce8c) transcribed: `load_shadow_data` concatenates every shadow's member rows and every
+    shadow's non-member rows, `preprocess` cuts the members to the non-members' count, stacks them and
+    `preprocessing.scale`s the stack, `train_test_split(test_size=0.3)` (seeded here) and a boosted classifier
+    (HistGradientBoosting here, the attack's `classifier=sklearn`). The target's rows are scaled by their own
+    mean / std (its `preprocess`, without cutting evaluated records). standardize="per_model" / "none" are
+    mia-gen's version-1 options: each shadow's features scaled alone / not at all, no pooled scaling."""
+    features = [reference_features(s.network, x0, record_ids, seed, timesteps, variant, conditions) for s in shadows]
+    if standardize == "per_model":
+        features = [scale(f) for f in features]
+    membership = np.asarray(membership)
+    shadow_member = np.concatenate([f[m] for f, m in zip(features, membership)])
+    shadow_non_member = np.concatenate([f[~m] for f, m in zip(features, membership)])
+    train_np = shadow_member[0:shadow_non_member.shape[0]]
+    x = np.vstack((train_np, shadow_non_member))
+    y = np.concatenate((np.ones(train_np.shape[0]), np.zeros(shadow_non_member.shape[0])))
+    if standardize == "pooled":
+        x = scale(x)
+    if test_size:
+        x, _, y, _ = train_test_split(x, y, test_size=test_size, random_state=seed)
     target_raw = reference_features(target.network, x0, record_ids, seed, timesteps, variant, conditions)
     classifier = HistGradientBoostingClassifier(max_iter=n_estimators, early_stopping=False, random_state=seed)
-    classifier.fit(shadow_features, np.asarray(membership).reshape(-1).astype(int))
-    return classifier.predict_proba(prepare(target_raw))[:, 1], target_raw
+    classifier.fit(x, y.astype(int))
+    return classifier.predict_proba(target_raw if standardize == "none" else scale(target_raw))[:, 1], target_raw
 
 
-def test_timesteps_are_spread_as_gsa_code():
+def test_timesteps_are_gsa_codes():
+    """GSA's code (gen_l2_gradients_DDPM.py): `[x - 1 for x in range(int(T/k), T+1, int(T/k))]`, k = 10."""
+    assert reference_timesteps(10, 1000) == [99, 199, 299, 399, 499, 599, 699, 799, 899, 999]
+    for k, steps in ((10, 1500), (15, 1000), (7, 100), (3, T)):
+        assert reference_timesteps(k, steps) == [x - 1 for x in range(int(steps / k), steps + 1, int(steps / k))]
+    assert len(reference_timesteps(15, 1000)) == 15 and reference_timesteps(15, 1000)[-1] == 989
+
+
+def test_rounded_timesteps_are_version_1s():
     assert spread_timesteps(15, 1500) == [100 * i for i in range(1, 15)] + [1499]
     expected = [min(int(np.floor((i + 1) * T / 15 + 0.5)), T - 1) for i in range(15)]
     assert spread_timesteps(15, T) == expected and expected[:3] == [67, 133, 200]
@@ -153,20 +178,22 @@ def test_timesteps_are_spread_as_gsa_code():
     assert spread_timesteps(T, T) == list(range(1, T)) + [T - 1]
 
 
-@pytest.mark.parametrize("variant,timesteps,standardize", [
-    ("gsa1", None, "per_model"),
-    ("gsa2", [10, 400, 900], "per_model"),
-    ("gsa1", [250, 600], "none"),
+@pytest.mark.parametrize("variant,timesteps,standardize,train_fraction", [
+    ("gsa1", None, "pooled", 0.7),  # the defaults: GSA's reference pipeline
+    ("gsa2", [10, 400, 900], "pooled", 0.7),
+    ("gsa1", None, "per_model", 1.0),  # version 1's scaling, every row
+    ("gsa1", [250, 600], "none", 1.0),
 ])
-def test_scores_equal_a_per_record_backward_reference(zoo, variant, timesteps, standardize):
+def test_scores_equal_a_per_record_backward_reference(zoo, variant, timesteps, standardize, train_fraction):
     attack = build_attack("gsa", {"variant": variant, "timesteps": timesteps, "standardize": standardize,
-                                  "batch_size": 5})
+                                  "train_fraction": train_fraction, "classifier": "sklearn", "batch_size": 5})
     ctx = zoo_of(zoo, seed=7)
     with threadpool_limits(1):
         output = attack(ctx)
-    steps = timesteps or spread_timesteps(15, T)
+    steps = timesteps or reference_timesteps(10, T)
     expected, target_raw = reference_scores(zoo["target"], zoo["shadows"], zoo["membership"], zoo["queries"],
-                                            zoo["record_ids"], 7, steps, variant, standardize == "per_model")
+                                            zoo["record_ids"], 7, steps, variant, standardize,
+                                            test_size=round(1 - train_fraction, 12))
     # features first (the attack's own function for one model), then the scores end to end
     raw_attack = GSA(**{**attack.config, "standardize": "none"}).features(ctx, steps, "target model")
     np.testing.assert_allclose(raw_attack, target_raw, rtol=1e-5, atol=1e-8)
@@ -177,6 +204,8 @@ def test_scores_equal_a_per_record_backward_reference(zoo, variant, timesteps, s
     assert output.info["variant"] == variant and output.info["classifier"] == "sklearn"
     assert output.info["n_features"] == len(list(zoo["target"].parameters()))
     assert 0.5 <= output.info["shadow_train_auc"] <= 1.0
+    assert (output.info["shadow_test_auc"] is None) == (train_fraction == 1.0)
+    assert "494ce8c" in output.info["reference"]
 
 
 def test_real_signal_on_briefly_trained_denoisers(zoo):
@@ -200,7 +229,7 @@ def test_class_conditional_models_use_each_records_condition():
                                condition_kind="class", num_classes=3))
     membership = np.random.default_rng(0).random((2, n)) < 0.5
     ctx = zoo_context(models[0], models[1:], membership, x, ids, conditions, seed=2)
-    attack = build_attack("gsa", {"timesteps": [30, 500], "batch_size": 4, "n_estimators": 20})
+    attack = build_attack("gsa", {"timesteps": [30, 500], "batch_size": 4, "n_estimators": 20, "classifier": "sklearn"})
     with threadpool_limits(1):
         output = attack(ctx)
         expected, target_raw = reference_scores(models[0], models[1:], membership, x, ids, 2, [30, 500], "gsa1",
@@ -218,6 +247,10 @@ def test_xgboost_backend_is_an_extra(zoo, monkeypatch):
     monkeypatch.setitem(sys.modules, "xgboost", None)
     with pytest.raises(MissingExtraError, match=r'pip install "mia-gen\[gsa\]"'):
         build_attack("gsa", {**settings, "classifier": "xgboost"})(ctx)
+    auto = build_attack("gsa", settings)  # classifier=auto without xgboost: scikit-learn, said and keyed
+    assert auto.config["classifier"] == "sklearn"
+    with threadpool_limits(1):
+        assert "XGBoost" in auto(ctx).info["classifier_note"]
     built = []
 
     def xgb_classifier(n_estimators, random_state):  # a stand-in with XGBClassifier's fit / predict_proba
@@ -227,8 +260,9 @@ def test_xgboost_backend_is_an_extra(zoo, monkeypatch):
     monkeypatch.setitem(sys.modules, "xgboost", types.SimpleNamespace(XGBClassifier=xgb_classifier))
     with threadpool_limits(1):
         stand_in = build_attack("gsa", {**settings, "classifier": "xgboost"})(ctx)
-        sklearn = build_attack("gsa", settings)(ctx)
+        sklearn = build_attack("gsa", {**settings, "classifier": "sklearn"})(ctx)
     assert built == [(30, ctx.seed)] and stand_in.info["classifier"] == "xgboost"
+    assert build_attack("gsa", settings).config["classifier"] == "xgboost"  # auto, with xgboost importable
     np.testing.assert_array_equal(stand_in.scores, sklearn.scores)
 
 

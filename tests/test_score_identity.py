@@ -38,7 +38,9 @@ ALLOWED = {
 }
 # Where a setting's name means different things in different attacks: another allowed value, by attack.setting.
 ALLOWED_BY_ATTACK = {
-    "gsa.variant": ["gsa1", "gsa2"], "gsa.classifier": ["sklearn", "xgboost"], "gsa.standardize": ["per_model", "none"],
+    "gsa.variant": ["gsa1", "gsa2"], "gsa.classifier": ["auto", "xgboost", "sklearn"],
+    "gsa.standardize": ["pooled", "per_model", "none"], "gsa.spacing": ["reference", "rounded"],
+    "gsa.balance": ["truncate", "none"],
     "lira.mode": ["online", "offline"], "rmia.mode": ["online", "offline"], "lira.estimator": ["reference", "unbiased"],
     "lira.params": [None, {"n_draws": 2}], "rmia.params": [None, {"n_draws": 2}],
     "lira.queries": [None, [{"timesteps": [50]}, {"timesteps": [200]}]],
