@@ -146,6 +146,8 @@ class Attack:
     needs_reference_model: bool = False  # compares against a model trained the same way on reference data
     needs_shadow_models: bool = False  # reads a zoo of shadow models (AttackContext.shadow_models)
     needs_population: bool = False  # compares with population records z (AttackContext.population)
+    min_shadows: int = 2  # shadow models it needs at least (checked before the zoo trains)
+    min_shadows_why: str = "IN and OUT rows to tell apart"
 
     @property
     def uses_samples(self) -> bool:

@@ -71,6 +71,15 @@ class LiRA(WrapperAttack):
     }
     needs_shadow_models = True
 
+    @property
+    def min_shadows(self) -> int:
+        return 2 if self.global_variance else 4
+
+    @property
+    def min_shadows_why(self) -> str:
+        return ("one IN and one OUT shadow per record" if self.global_variance else
+                "per-record variances need two IN and two OUT shadows per record; global_variance=true needs 2")
+
     def __init__(self, **params):
         super().__init__(**params)
         if self.mode not in MODES:

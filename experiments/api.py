@@ -12,6 +12,7 @@ which keyword argument is missing when the attack needs more::
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
@@ -104,13 +105,41 @@ def build_attack(name: str, **params: Any) -> Attack:
     return _build_registered(name, params)
 
 
+IMAGE_SLACK = 1e-4  # float rounding of images mapped to [-1, 1]
+
+
 def _as_records(values: Any, argument: str) -> torch.Tensor:
-    """A tensor or array of records `(N, ...)` as float32 on CPU (where the pipeline keeps records)."""
+    """A tensor or array of records `(N, ...)` as float32 on CPU (where the pipeline keeps records): finite, and
+    images (N, C, H, W) in [-1, 1]."""
     values = as_float_tensor(values, argument)
     if values.ndim < 2:
         raise MiaGenError(f"{argument} must have shape (N, ...) with one record per row, got {tuple(values.shape)}; "
                           "add a leading axis for a single record (x[None]).")
+    if not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).flatten(1).any(dim=1).sum())
+        raise MiaGenError(f"{argument}: {bad} record(s) hold NaN or infinite values; remove or repair them.")
+    if values.ndim == 4 and len(values) and (values.min() < -1 - IMAGE_SLACK or values.max() > 1 + IMAGE_SLACK):
+        raise MiaGenError(
+            f"{argument} are images (N, C, H, W) with values in [{float(values.min()):.3g}, {float(values.max()):.3g}], "
+            "but mia-gen's images lie in [-1, 1]: map [0, 1] images with 2 * x - 1 and [0, 255] ones with "
+            "x / 127.5 - 1.")
     return values
+
+
+def _check_reference(reference: torch.Tensor, queries: torch.Tensor) -> None:
+    """Reference records like the scored ones and disjoint from them (DESIGN.md `reference_data`)."""
+    if tuple(reference.shape[1:]) != tuple(queries.shape[1:]):
+        raise MiaGenError(f"reference records have shape {tuple(reference.shape[1:])} but the scored records "
+                          f"{tuple(queries.shape[1:])}; give reference records of the same kind and size.")
+    scored = {row.tobytes() for row in queries.numpy().reshape(len(queries), -1)}
+    shared = sum(row.tobytes() in scored for row in reference.numpy().reshape(len(reference), -1))
+    if not shared:
+        return
+    message = (f"{shared} reference record(s) equal scored records: reference data must be disjoint from the records "
+               "scored (a record in both looks typical of the population and hides its own leak)")
+    if queries.ndim == 4:
+        raise MiaGenError(message + "; remove them from `reference`.")
+    warnings.warn(message + " (identical table rows may be different people; check).", stacklevel=3)
 
 
 def _as_store(samples: Any) -> SampleStore:
@@ -183,6 +212,11 @@ def score(attack: str | Attack, records: Any, *, samples: Any = None, generator:
     The attack gets only what its access allows (samples for sample-based attacks, the model for
     query / white-box ones, ...), so one set of keyword arguments can serve every attack of a loop.
     """
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise MiaGenError(f"seed must be an integer, got {seed!r}.")
+    if isinstance(captions, str):
+        raise MiaGenError("captions must be a list of strings, one per record, not a single string (it would be "
+                          "read character by character); pass [caption] for one record.")
     if isinstance(attack, str):
         attack = build_attack(attack)
     if not isinstance(attack, Attack):
@@ -233,6 +267,7 @@ def score(attack: str | Attack, records: Any, *, samples: Any = None, generator:
             raise _missing(attack, "reference data (records from the same distribution, disjoint from the "
                            "scored ones)", "reference=<tensor of records>", "split.n_reference")
         context.reference = _as_records(reference, "reference")
+        _check_reference(context.reference, queries)
     if attack.needs_labelled_subset:
         if labelled_subset is None:
             raise _missing(attack, "a labelled subset of the records to learn from",

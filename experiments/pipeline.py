@@ -26,12 +26,13 @@ from mia_gen.datasets import load_dataset, require_captions
 from mia_gen.device import resolve_device
 from mia_gen.errors import CorruptStoreError, MiaGenError, MissingAssetError
 from mia_gen.groups import draw_groups
-from mia_gen.hashing import config_hash, files_fingerprint
+from mia_gen.hashing import config_hash, files_fingerprint, model_files
 from mia_gen.locks import exclusive
 from mia_gen.provenance import code_versions
 from mia_gen.sample_store import SampleStore, import_samples, write_samples
 from mia_gen.splits import load_or_make_split, membership_source
 from mia_gen.zoo import ZooMembership, draw_zoo
+from mia_gen.experiments.common import CONFIG_DIR
 from mia_gen.models.checkpoint import STATE_JSON
 from mia_gen.models.defense import Defense, effective_training
 from mia_gen.models.factory import (finetune_method, is_latent_text, load_diffusion_denoiser, load_discriminator,
@@ -54,6 +55,13 @@ def _write_json_atomic(path: Path, payload: dict) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, sort_keys=True))
     os.replace(tmp, path)
+
+
+def unselected_settings(name: str, params) -> bool:
+    """Whether `attack.<name>` is only settings an experiment preset gives an attack the command line did not select:
+    no `_target_`, while selecting it from its configs/attack/<name>.yaml would have added one. (An attack with no
+    config file of its own, added as `+attack.<name>.<setting>=...`, is run.)"""
+    return "_target_" not in (params or {}) and (Path(CONFIG_DIR) / "attack" / f"{name}.yaml").is_file()
 
 
 class Pipeline:
@@ -177,8 +185,8 @@ class Pipeline:
                 loading["lora"] = {"files": files_fingerprint(adapter)}
             if isinstance(self.model_dir, str):  # a hub id: its revision is what the hub serves
                 return config_hash({"hub_id": self.model_dir, "model": loading})
-            # Weights may sit in subfolders (diffusers: unet/, unet_ema/, scheduler/).
-            files = [*self.model_dir.rglob("*.safetensors"), *self.model_dir.rglob("*.json")]
+            # Every file the model may read, in subfolders too (diffusers: unet/, scheduler/, tokenizer/merges.txt).
+            files = model_files(self.model_dir)
             if not files:
                 load_generator(self.cfg.model, self.model_dir, self.device)  # raises with the fix
             return config_hash({"checkpoint": files_fingerprint(files), "model": loading})
@@ -556,13 +564,21 @@ class Pipeline:
 
     # ---- attack -------------------------------------------------------------------------
     def attacks(self) -> dict[str, Attack]:
-        selected = self.cfg.get("attack") or {}
+        selected = dict(self.cfg.get("attack") or {})
+        for name in [name for name, params in selected.items() if unselected_settings(name, params)]:
+            log.warning("attack.%s holds settings (%s) but %s was not selected (a preset sets them): not run; select "
+                        "it with attack=[...,%s].", name, ", ".join(selected[name]), name, name)
+            del selected[name]
         if not selected:
             raise MiaGenError("no attack selected; choose some, e.g. `attack=[sample_distance,domias]`.")
         built = {name: build_attack(name, OmegaConf.to_container(params, resolve=True))
                  for name, params in selected.items()}
         for attack in built.values():
             attack.check_split_sizes(len(self.split.members), len(self.split.non_members))
+            if attack.needs_shadow_models and attack.min_shadows > self.zoo.n_shadows:  # before any shadow trains
+                raise MiaGenError(
+                    f"attack '{attack.name}' needs at least {attack.min_shadows} shadow models ({attack.min_shadows_why}), "
+                    f"but zoo.n_shadows={self.zoo.n_shadows}; set zoo.n_shadows >= {attack.min_shadows} (e.g. 8).")
         return built
 
     def context_for(self, attack: Attack, reference_model: bool = True, shadows: bool = True,
@@ -677,9 +693,11 @@ class Pipeline:
         if zoo_cfg.get("path"):
             return ZooMembership.load(Path(zoo_cfg.path).expanduser(), self.records)
         k = zoo_cfg.get("n_shadows")
-        if not k:
+        if k is None:
             raise MiaGenError("this run needs a shadow-model zoo, but zoo.n_shadows is not set; set zoo.n_shadows=K "
                               "(K >= 2, e.g. 8) or give a zoo file with zoo.path=<zoo.json>.")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 2:
+            raise MiaGenError(f"zoo.n_shadows must be a whole number of shadow models >= 2 (e.g. 8), got {k!r}.")
         seed = int(zoo_cfg.get("seed", self.cfg.seed))
         path = self.cache_dir / "zoos" / ("zoo-" + config_hash({"split": self.split_key, "n_shadows": int(k),
                                                                 "seed": seed}) + ".json")

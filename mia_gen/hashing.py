@@ -42,6 +42,16 @@ def array_fingerprint(array: np.ndarray, name: str = "") -> str:
     return digest.hexdigest()
 
 
+def model_files(directory) -> list:
+    """Every file under a model directory that loading may read: all regular files but hidden ones and the
+    trainer's sample grids (`samples/`). A tokenizer's merges.txt edited in place is another model."""
+    from pathlib import Path
+
+    root = Path(directory)
+    return sorted(path for path in root.rglob("*") if path.is_file()
+                  and not any(part.startswith(".") or part == "samples" for part in path.relative_to(root).parts))
+
+
 def files_fingerprint(paths) -> str:
     """sha256 of the names and bytes of some files: identifies a model or a store by content,
     so that an artefact replaced in place is never mistaken for the one that was cached."""

@@ -347,3 +347,24 @@ def test_shadow_attacks_are_refused_with_where_to_run_them():
 
     with pytest.raises(MiaGenError, match="zoo of shadow models.*zoo.n_shadows"):
         score("lira", torch.zeros(2, 1, 8, 8), denoiser=torch.nn.Identity())
+
+
+def test_inputs_a_hostile_caller_gives_are_refused_before_any_scoring(world):
+    """Each was a traceback, a silent split into characters or a silently biased score."""
+    queries, samples, reference = world
+    with pytest.raises(MiaGenError, match="seed must be an integer"):
+        mia_gen.score("sample_distance", queries, samples=samples, seed="x")
+    with pytest.raises(MiaGenError, match="not a single string"):
+        mia_gen.score("sample_distance", queries, samples=samples, captions="a digit")
+    with pytest.raises(MiaGenError, match="reference records have shape"):
+        mia_gen.score("domias", queries, samples=samples, reference=reference[:, :, :4])
+    with pytest.raises(MiaGenError, match="NaN or infinite"):
+        mia_gen.score("domias", queries, samples=samples, reference=torch.full_like(reference, float("nan")))
+    with pytest.raises(MiaGenError, match=r"in \[-1, 1\].*2 \* x - 1"):
+        mia_gen.score("sample_distance", (queries + 1) * 127.5, samples=samples)
+    with pytest.raises(MiaGenError, match="equal scored records"):
+        mia_gen.score("domias", queries, samples=samples, reference=torch.cat([reference, queries[:3]]))
+    table = queries.flatten(1)[:, :6] * 10  # a table: any range; a shared row is a warning (may be two people)
+    with pytest.warns(UserWarning, match="identical table rows"):
+        mia_gen.score(build_attack("domias", {"n_components": 3}), table, samples=samples.flatten(1)[:, :6] * 10,
+                      reference=torch.cat([reference.flatten(1)[:, :6] * 10, table[:1]]))

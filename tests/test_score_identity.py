@@ -295,3 +295,25 @@ def test_the_package_version_is_the_checkouts_and_an_installed_package_has_no_co
     monkeypatch.setattr(provenance, "CHECKOUT", tmp_path)  # no setup.cfg, no .git: an installed package
     assert provenance.git_state() == (None, None)
     assert package_version() == importlib.metadata.version("mia-gen")
+
+
+def test_a_given_models_key_holds_every_file_it_reads(tmp_path):
+    """A tokenizer's merges.txt edited in place is another model (its key held only *.safetensors and *.json);
+    the trainer's sample grids and hidden files are not part of the model."""
+    from tiny_pipelines import tiny_sd_pipeline
+
+    sd = tiny_sd_pipeline(tmp_path / "sd")
+
+    def key() -> str:
+        cfg = make_config([*FAST, "model=diffusers", f"model.checkpoint={sd}"], tmp_path / "cache")
+        return Pipeline(cfg, tmp_path / "run").train_key
+
+    before = key()
+    (sd / "samples").mkdir()
+    (sd / "samples" / "step_000100.png").write_bytes(b"a grid")
+    (sd / ".cache").mkdir()
+    (sd / ".cache" / "lock").write_text("")
+    assert key() == before
+    merges = sd / "tokenizer" / "merges.txt"
+    merges.write_text(merges.read_text() + "d i\n")
+    assert key() != before

@@ -270,3 +270,30 @@ def test_the_ddpm_shadow_preset_runs_end_to_end_at_a_tiny_scale(tmp_path):
 def test_shadow_attack_settings_that_cannot_work_are_refused_when_built(name, params, message):
     with pytest.raises(MiaGenError, match=message):
         build_attack(name, params)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["zoo.n_shadows=2.5", "attack=[rmia]"], "whole number"),
+    (["zoo.n_shadows=true", "attack=[gsa]"], "whole number"),
+    (["zoo.n_shadows=2", "attack=[lira]"], "at least 4 shadow models"),
+    (["zoo.n_shadows=3", "attack=[lira]"], "at least 4 shadow models"),
+])
+def test_a_zoo_too_small_for_its_attacks_is_refused_before_any_shadow_trains(tmp_path, overrides, message):
+    pipe = Pipeline(make_config([*ZOO, *overrides], tmp_path / "cache"), tmp_path / "run")
+    with pytest.raises(MiaGenError, match=message):
+        pipe.attack()
+    assert not (tmp_path / "cache" / "models").exists()  # nothing trained: not the target, not a shadow
+    fewer = Pipeline(make_config([*ZOO, "zoo.n_shadows=2", "attack=[lira]", "attack.lira.global_variance=true"],
+                                 tmp_path / "cache"), tmp_path / "run")
+    assert fewer.attacks()["lira"].min_shadows == 2  # one variance for all records: 2 shadows suffice
+
+
+def test_a_presets_settings_for_an_attack_not_selected_do_not_run_it(tmp_path, caplog):
+    """`experiment=shadow_dcgan_digits attack=[rmia]` ran LiRA too: the preset's `attack.lira.attack` setting left
+    a lira entry behind. Selected attacks come from configs/attack/ with their `_target_`; such leftovers do not."""
+    pipe = Pipeline(make_config([*ZOO, "experiment=shadow_dcgan_digits", "attack=[rmia]"], tmp_path / "cache"),
+                    tmp_path / "run")
+    assert set(pipe.cfg.attack) == {"rmia", "lira"}  # what Hydra composes
+    with caplog.at_level("WARNING"):
+        assert list(pipe.attacks()) == ["rmia"]
+    assert "attack.lira holds settings (attack) but lira was not selected" in caplog.text
