@@ -713,8 +713,6 @@ def _load_pipeline_dir(path: Path, cfg: dict, prediction_type: str | None) -> tu
         )
     network_class = components.get("transformer" if subfolder == "transformer" else "unet", [None, "UNet2DModel"])[1]
     network = _load_unet(path, subfolder, True, network_class)
-    if cfg.get("lora"):
-        apply_lora(network, cfg["lora"], path)
     vae_class = components.get("vae", [None, "AutoencoderKL"])[1] or "AutoencoderKL"
     latent = LatentEncoder(load_vae(path, True, vae_class)) if "vae" in present or (path / "vae").is_dir() else None
     text = None
@@ -722,6 +720,8 @@ def _load_pipeline_dir(path: Path, cfg: dict, prediction_type: str | None) -> tu
         text_class = components.get("text_encoder", [None, "CLIPTextModel"])[1] or "CLIPTextModel"
         tokenizer_class = components.get("tokenizer", [None, "CLIPTokenizer"])[1] or "CLIPTokenizer"
         text = load_text_encoder(path, True, text_class, tokenizer_class)
+    if cfg.get("lora"):  # into the UNet, and into the text encoder when the adapter changes it too
+        apply_lora(network, cfg["lora"], path, text.text_encoder if text is not None else None)
     if latent is None and network.config.get("cross_attention_dim") is not None:
         log.warning("%s: a text-conditioned network without a vae/: attacking it in pixel space.", path)
     log.info("diffusion model: %s/%s (%s)", path, subfolder, kind)

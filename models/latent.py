@@ -31,6 +31,7 @@ ENCODE_BATCH = 8
 LORA_FILES = ("pytorch_lora_weights.safetensors", "adapter_model.safetensors")
 _ADAPTER = "mia_gen_lora"
 _PEFT_PREFIX = "base_model.model."
+_LORA_MARKERS = ("lora_A", "lora_B", "lora_down", "lora_up", "lora.down", "lora.up", "lora_linear_layer")
 T2I_FEATURE = "text-to-image models"
 
 
@@ -195,9 +196,10 @@ def _require_folder(location: str | Path, name: str, holds: str) -> None:
         )
 
 
-def apply_lora(network: nn.Module, lora: str | Path, base: str | Path) -> None:
+def apply_lora(network: nn.Module, lora: str | Path, base: str | Path, text_encoder: nn.Module | None = None) -> None:
     """Merge the LoRA adapter at `lora` into `network` in place (W + alpha / r * B A), so it becomes the
-    fine-tuned model.
+    fine-tuned model; an adapter that also changes the text encoder (DreamBooth-with-text-encoder, most kohya /
+    A1111 LoRAs) is merged into `text_encoder` too (`merge_text_encoder_lora`).
 
     `lora`: a `.safetensors` file or a directory holding `pytorch_lora_weights.safetensors`
     (`StableDiffusionPipeline.save_lora_weights`, `unet.save_lora_adapter`; kohya keys are converted) or
@@ -223,11 +225,17 @@ def apply_lora(network: nn.Module, lora: str | Path, base: str | Path) -> None:
     except (SafetensorError, OSError) as err:
         raise CorruptStoreError(f"the LoRA adapter {file} could not be read ({err}); download or save it "
                                 "again.") from err
-    metadata = json.loads(raw_metadata["lora_adapter_metadata"]) if "lora_adapter_metadata" in raw_metadata else None
+    metadata = _json(raw_metadata["lora_adapter_metadata"], f"{file} (its lora_adapter_metadata)") \
+        if "lora_adapter_metadata" in raw_metadata else None
     if any(k.startswith(_PEFT_PREFIX) for k in state_dict):  # peft's PeftModel.save_pretrained layout
         state_dict = {k.removeprefix(_PEFT_PREFIX): v for k, v in state_dict.items()}
         config_file = file.parent / "adapter_config.json"
-        metadata = json.loads(config_file.read_text()) if config_file.is_file() else metadata
+        metadata = _json(config_file.read_text(), str(config_file)) if config_file.is_file() else metadata
+    if not any(marker in k for k in state_dict for marker in _LORA_MARKERS):
+        example = next(iter(state_dict), None)
+        raise MiaGenError(f"model.lora={file} is not a LoRA adapter: none of its {len(state_dict)} tensors is a LoRA "
+                          f"weight (lora_A / lora_B, lora_down / lora_up; e.g. {example!r}). Give the adapter's file "
+                          "(a fine-tuned full model goes in model.checkpoint).")
     mismatch = f"the LoRA adapter at {path} does not match the base model at {base}"
     if any("dora_scale" in k for k in state_dict):
         raise MiaGenError(f"{mismatch}: it is a DoRA adapter (dora_scale), which mia-gen does not merge; use a "
@@ -238,11 +246,20 @@ def apply_lora(network: nn.Module, lora: str | Path, base: str | Path) -> None:
     state_dict, network_alphas = StableDiffusionLoraLoaderMixin.lora_state_dict(state_dict)
     own = "unet"
     prefixes = {k.split(".", 1)[0] for k in state_dict}
-    if prefixes & {"text_encoder", "text_encoder_2"}:
-        raise MiaGenError(
-            f"the LoRA adapter at {path} also changes the text encoder; merging text-encoder LoRA weights is not "
-            "built yet: use an adapter trained on the UNet only."
-        )
+    if "text_encoder_2" in prefixes:
+        raise MiaGenError(f"the LoRA adapter at {path} changes a second text encoder (SDXL), which mia-gen does not "
+                          "load; use a Stable Diffusion 1.x / 2.x adapter.")
+    if "text_encoder" in prefixes:
+        if text_encoder is None:
+            raise MiaGenError(f"the LoRA adapter at {path} also changes a text encoder, but the base model at {base} "
+                              "has none; use the base the adapter was trained on.")
+        text_part = {k: v for k, v in state_dict.items() if k.startswith("text_encoder.")}
+        merge_text_encoder_lora(text_encoder, text_part, network_alphas, metadata, file)
+        state_dict = {k: v for k, v in state_dict.items() if not k.startswith("text_encoder.")}
+        network_alphas = {k: v for k, v in (network_alphas or {}).items() if not k.startswith("text_encoder.")} or None
+        prefixes = {k.split(".", 1)[0] for k in state_dict}
+        if not state_dict:  # an adapter of the text encoder alone
+            return
     prefix = own if own in prefixes else None
     if prefix is not None and prefixes != {own}:
         raise MiaGenError(f"{mismatch}: it also holds keys outside {own}/ ({sorted(prefixes - {own})[:3]}).")
@@ -256,7 +273,15 @@ def apply_lora(network: nn.Module, lora: str | Path, base: str | Path) -> None:
     kwargs = {"metadata": metadata} if metadata else {"network_alphas": network_alphas} if network_alphas else {}
     try:
         network.load_lora_adapter(state_dict, prefix=prefix, adapter_name=_ADAPTER, **kwargs)
-    except (ValueError, RuntimeError, KeyError) as err:
+    except TypeError as err:  # LoraConfig(**metadata) with keys this peft does not know
+        from peft import LoraConfig
+
+        unknown = sorted(set(metadata or {}) - set(LoraConfig.__dataclass_fields__)) if metadata else []
+        raise MiaGenError(
+            f"the LoRA adapter at {path}: its config ({'adapter_config.json' if (file.parent / 'adapter_config.json').is_file() else 'metadata'}) "
+            f"has keys the installed peft does not know ({unknown[:5] or str(err)}); upgrade peft "
+            "(pip install -U peft) or remove those keys.") from err
+    except (ValueError, RuntimeError, KeyError, IndexError) as err:
         raise MiaGenError(f"{mismatch}: {str(err).strip().splitlines()[0][:300]}") from err
     loaded = get_peft_model_state_dict(network, adapter_name=_ADAPTER) if getattr(network, "peft_config", None) else {}
     missing = sorted(set(expected) - set(loaded))
@@ -268,6 +293,90 @@ def apply_lora(network: nn.Module, lora: str | Path, base: str | Path) -> None:
     network.fuse_lora(lora_scale=1.0, adapter_names=[_ADAPTER])
     network.unload_lora()  # drops the LoRA layers; the fused weights stay
     log.info("LoRA adapter %s merged into %s (%d tensors)", file, type(network).__name__, len(expected))
+
+
+# kohya's attention keys, as diffusers' `lora_state_dict` converts them, -> the CLIP attention layer they adapt
+_OLD_ATTENTION = {"to_q_lora": "q_proj", "to_k_lora": "k_proj", "to_v_lora": "v_proj", "to_out_lora": "out_proj"}
+
+
+def _text_lora_modules(state_dict: dict) -> dict[str, tuple[str, str]]:
+    """`{module path: (down / A key, up / B key)}` of a text-encoder LoRA in either layout diffusers gives:
+    peft's `<module>.lora_A.weight` / `.lora_B.weight`, or the converted kohya `<path>.to_q_lora.down.weight` /
+    `<module>.lora_linear_layer.down.weight`."""
+    modules = {}
+    for key in state_dict:
+        rest = key.removeprefix("text_encoder.")
+        if rest.endswith(".lora_A.weight"):
+            modules[rest[: -len(".lora_A.weight")]] = (key, key.replace(".lora_A.weight", ".lora_B.weight"))
+        elif rest.endswith(".lora_linear_layer.down.weight"):
+            module = rest[: -len(".lora_linear_layer.down.weight")]
+            modules[module] = (key, key.replace(".down.weight", ".up.weight"))
+        elif rest.endswith(".down.weight") and rest.rsplit(".", 3)[-3] in _OLD_ATTENTION:
+            path, name = rest.rsplit(".", 3)[0], rest.rsplit(".", 3)[1]
+            modules[f"{path}.{_OLD_ATTENTION[name]}"] = (key, key.replace(".down.weight", ".up.weight"))
+    return modules
+
+
+def merge_text_encoder_lora(text_encoder: nn.Module, state_dict: dict, network_alphas: dict | None,
+                            metadata: dict | None, file: Path) -> None:
+    """W += (alpha / r) B A into each adapted linear layer of `text_encoder` (a `CLIPTextModel`), in place.
+
+    alpha / r: the adapter config's `lora_alpha` / `r` (`text_encoder.*` keys of its metadata, with their per-module
+    `alpha_pattern` / `rank_pattern`), or kohya's per-module alpha over the module's rank; alpha = r without either,
+    as diffusers assumes. Every tensor must name a linear layer of the encoder with matching shapes.
+    """
+    modules = _text_lora_modules(state_dict)
+    used = {key for pair in modules.values() for key in pair}
+    stray = sorted(set(state_dict) - used)
+    if stray or not modules:
+        raise MiaGenError(f"the LoRA adapter {file}: text-encoder tensors mia-gen cannot pair into LoRA layers "
+                          f"({stray[:3] or 'none found'}); use a diffusers, peft or kohya LoRA file.")
+    config = {k.removeprefix("text_encoder."): v for k, v in (metadata or {}).items() if k.startswith("text_encoder.")}
+    merged = 0
+    for module_path, (down_key, up_key) in sorted(modules.items()):
+        if up_key not in state_dict:
+            raise MiaGenError(f"the LoRA adapter {file}: {down_key} has no partner {up_key}.")
+        down, up = state_dict[down_key].float(), state_dict[up_key].float()
+        layer = _submodule(text_encoder, module_path)
+        if layer is None or not isinstance(layer, nn.Linear) or down.dim() != 2 or up.dim() != 2 \
+                or tuple(layer.weight.shape) != (up.shape[0], down.shape[1]) or up.shape[1] != down.shape[0]:
+            raise MiaGenError(f"the LoRA adapter {file} does not match the base's text encoder: {down_key} "
+                              f"({tuple(down.shape)}, {tuple(up.shape)}) fits no linear layer {module_path!r} of it; "
+                              "use the base model the adapter was trained on.")
+        rank = down.shape[0]
+        alpha = (network_alphas or {}).get(f"{down_key}.alpha")
+        if config:
+            rank = next((int(r) for pattern, r in (config.get("rank_pattern") or {}).items()
+                         if module_path.endswith(pattern)), int(config.get("r", rank)))
+            alpha = next((float(a) for pattern, a in (config.get("alpha_pattern") or {}).items()
+                          if module_path.endswith(pattern)), float(config.get("lora_alpha", rank)))
+        scale = (float(alpha) if alpha is not None else rank) / rank
+        with torch.no_grad():
+            layer.weight += (scale * up @ down).to(layer.weight.dtype)
+        merged += 1
+    log.info("LoRA adapter %s: %d text-encoder layers merged", file, merged)
+
+
+def _submodule(model: nn.Module, path: str) -> nn.Module | None:
+    """`model`'s submodule at `path`, with or without CLIP's `text_model.` (transformers 4 nests the encoder in it,
+    transformers 5 does not; adapters name it either way)."""
+    for candidate in (path, f"text_model.{path}", path.removeprefix("text_model.")):
+        try:
+            return model.get_submodule(candidate)
+        except AttributeError:
+            continue
+    return None
+
+
+def _json(text: str, where: str) -> dict:
+    try:
+        content = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CorruptStoreError(f"{where} is not valid JSON ({err}); save the adapter again.") from err
+    if not isinstance(content, dict):
+        raise CorruptStoreError(f"{where} must hold a JSON object (the adapter's LoRA config), got "
+                                f"{type(content).__name__}; save the adapter again.")
+    return content
 
 
 def _lora_file(path: Path) -> Path:

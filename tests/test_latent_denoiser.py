@@ -252,8 +252,76 @@ def test_a_lora_that_does_not_match_the_base_is_refused(sd_dir, tmp_path):
     with_text = variant("with_text", lambda t: {
         **t, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, TEXT_WIDTH),
         "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(TEXT_WIDTH, 4)})
-    with pytest.raises(MiaGenError, match="also changes the text encoder"):
-        load_denoiser({"lora": str(with_text)}, sd_dir)
+    text_base = encoder_layers(load_denoiser({}, sd_dir).text.text_encoder)[0].self_attn.q_proj.weight
+    merged = load_denoiser({"lora": str(with_text)}, sd_dir).text.text_encoder  # merged now, alpha = r without metadata
+    a, b = (load_file(str(with_text / file.name))[f"text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_{x}.weight"]
+            for x in "AB")
+    torch.testing.assert_close(encoder_layers(merged)[0].self_attn.q_proj.weight, text_base + b @ a)
+    wrong_text = variant("wrong_text", lambda t: {
+        **t, "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight": torch.randn(4, TEXT_WIDTH + 1),
+        "text_encoder.text_model.encoder.layers.0.self_attn.q_proj.lora_B.weight": torch.randn(TEXT_WIDTH, 4)})
+    with pytest.raises(MiaGenError, match=r"does not match the base's text encoder: .*q_proj"):
+        load_denoiser({"lora": str(wrong_text)}, sd_dir)
+
+
+def encoder_layers(text_encoder):
+    """A CLIPTextModel's transformer layers (transformers 4 nests them under `text_model`, 5 does not)."""
+    return getattr(text_encoder, "text_model", text_encoder).encoder.layers
+
+
+def parameter_name(names, path: str) -> str:
+    """`path` as the loaded CLIPTextModel names it, with or without `text_model.`."""
+    return next(p for p in (path, f"text_model.{path}", path.removeprefix("text_model.")) if p in names)
+
+
+def test_a_lora_that_also_adapts_the_text_encoder_is_merged_into_it(sd_dir, tmp_path):
+    """DreamBooth-with-text-encoder and most community (kohya / A1111) LoRAs adapt the text encoder too: W + alpha / r
+    B A in each adapted layer, against the weights merged by hand (diffusers' layout with its adapter config, and
+    kohya's with per-module alphas)."""
+    from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    from transformers import CLIPTextModel
+
+    base = load_denoiser({}, sd_dir)
+    base_text = {n: p.detach().clone() for n, p in base.text.text_encoder.named_parameters()}
+    unet = UNet2DConditionModel.from_pretrained(str(sd_dir), subfolder="unet")
+    text = CLIPTextModel.from_pretrained(str(sd_dir), subfolder="text_encoder")
+    unet_config = LoraConfig(r=4, lora_alpha=8, target_modules=list(LORA_TARGETS), init_lora_weights=False)
+    text_config = LoraConfig(r=2, lora_alpha=6, target_modules=["q_proj", "v_proj", "fc1"], init_lora_weights=False)
+    torch.manual_seed(3)
+    unet.add_adapter(unet_config)
+    text.add_adapter(text_config)
+    text_layers = get_peft_model_state_dict(text)
+    StableDiffusionPipeline.save_lora_weights(
+        str(tmp_path / "diffusers"), unet_lora_layers=get_peft_model_state_dict(unet), text_encoder_lora_layers=text_layers,
+        unet_lora_adapter_metadata=unet_config.to_dict(), text_encoder_lora_adapter_metadata=text_config.to_dict())
+    merged = load_denoiser({"lora": str(tmp_path / "diffusers")}, sd_dir)
+    expected = dict(base_text)
+    for key, a in text_layers.items():  # peft keys "<module>.lora_A.weight", relative to the CLIPTextModel
+        if key.endswith("lora_A.weight"):
+            weight = parameter_name(expected, key.replace(".lora_A.weight", ".weight"))
+            expected[weight] = expected[weight] + 6 / 2 * text_layers[key.replace("lora_A", "lora_B")] @ a
+    adapted = {n for n in expected if not torch.equal(expected[n], base_text[n])}
+    assert len(adapted) == 3 * 2  # q_proj, v_proj and fc1 of both layers
+    for name, parameter in merged.text.text_encoder.named_parameters():
+        torch.testing.assert_close(parameter, expected[name], msg=name)
+    assert not torch.equal(merged.text_conditions(["a digit"]), base.text_conditions(["a digit"]))
+
+    kohya = {}  # kohya / A1111 names, rank 2, alpha 1: scale 0.5
+    for module, (rows, columns) in {"self_attn_k_proj": (TEXT_WIDTH, TEXT_WIDTH), "mlp_fc2": (TEXT_WIDTH, 37)}.items():
+        stem = f"lora_te_text_model_encoder_layers_1_{module}"
+        kohya.update({f"{stem}.lora_down.weight": torch.randn(2, columns), f"{stem}.lora_up.weight": torch.randn(rows, 2),
+                      f"{stem}.alpha": torch.tensor(1.0)})
+    save_file(kohya, str(tmp_path / "kohya.safetensors"))
+    merged = load_denoiser({"lora": str(tmp_path / "kohya.safetensors")}, sd_dir).text.text_encoder
+    layer = encoder_layers(merged)[1]
+    for module, got in (("self_attn_k_proj", layer.self_attn.k_proj.weight), ("mlp_fc2", layer.mlp.fc2.weight)):
+        stem = f"lora_te_text_model_encoder_layers_1_{module}"
+        name = parameter_name(base_text, "text_model.encoder.layers.1."
+                              + module.replace("self_attn_", "self_attn.").replace("mlp_", "mlp.") + ".weight")
+        torch.testing.assert_close(got, base_text[name] + 0.5 * kohya[f"{stem}.lora_up.weight"] @ kohya[f"{stem}.lora_down.weight"])
 
 
 # ---- DiT: a class-conditional latent transformer ------------------------------------------------------------
