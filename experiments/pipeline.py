@@ -33,7 +33,7 @@ from mia_gen.sample_store import SampleStore, import_samples, write_samples
 from mia_gen.splits import load_or_make_split, membership_source
 from mia_gen.zoo import ZooMembership, draw_zoo
 from mia_gen.experiments.common import CONFIG_DIR
-from mia_gen.models.checkpoint import STATE_JSON
+from mia_gen.models.checkpoint import STATE_JSON, read_checkpoint_summary, verify_checkpoint
 from mia_gen.models.defense import Defense, effective_training
 from mia_gen.models.factory import (finetune_method, is_latent_text, load_diffusion_denoiser, load_discriminator,
                                     load_generator, train_base_model, train_model)
@@ -465,15 +465,24 @@ class Pipeline:
         return self.model_dir
 
     @cached_property
-    def generator(self) -> torch.nn.Module:
+    def trained_model_dir(self) -> Path | str:
+        """`model_dir` once trained (or given), its files checked against the sizes and sha256 its trainer
+        recorded: a weight file damaged on disk since (even with its size and time kept) is never read as good."""
         self.train()
-        return load_generator(self.cfg.model, self.model_dir, self.device)
+        if isinstance(self.model_dir, Path) and self.model_dir.is_dir():
+            summary = read_checkpoint_summary(self.model_dir)
+            if summary is not None:
+                verify_checkpoint(self.model_dir, summary, with_trainer_state=False)
+        return self.model_dir
+
+    @cached_property
+    def generator(self) -> torch.nn.Module:
+        return load_generator(self.cfg.model, self.trained_model_dir, self.device)
 
     @cached_property
     def denoiser(self) -> torch.nn.Module:
         """The diffusion model as the white-box attacks see it (epsilon prediction, eval mode)."""
-        self.train()
-        return load_diffusion_denoiser(self.cfg.model, self.model_dir, self.device)
+        return load_diffusion_denoiser(self.cfg.model, self.trained_model_dir, self.device)
 
     # ---- sample -------------------------------------------------------------------------
     @cached_property
@@ -599,7 +608,7 @@ class Pipeline:
             self.require_model(f"attack '{attack.name}' ({attack.access.value} access)")
             context.generator = self.generator
         if attack.access is Access.WHITE_BOX and self.cfg.model.family == "gan":
-            context.discriminator = load_discriminator(self.cfg.model, self.model_dir, self.device)
+            context.discriminator = load_discriminator(self.cfg.model, self.trained_model_dir, self.device)
         if attack.access is Access.WHITE_BOX and self.cfg.model.family == "diffusion":
             context.denoiser = self.denoiser
             context.conditions = self.conditions(context.denoiser, ids)
@@ -1041,10 +1050,15 @@ class ShadowPipeline(SameRecipePipeline):
         self.index = index
 
     def is_trained(self) -> bool:
+        """Marked finished; whether its files are whole is checked when it is used (`train`, `trained_model_dir`)."""
         return (self.model_dir / FINISHED_JSON).is_file()
 
     def train(self) -> Path:
         if self.is_trained():
+            if not any(self.model_dir.rglob("*.safetensors")):  # finished.json alone is no model
+                raise CorruptStoreError(
+                    f"shadow {self.index} at {self.model_dir} is marked finished ({FINISHED_JSON}) but holds no weights "
+                    f"(deleted?). Delete the whole folder {self.model_dir} and run again to train it anew.")
             log.info("train: shadow %d of %d is trained (%s)", self.index, self.parent.zoo.n_shadows, self.model_dir)
             return self.model_dir
         log.info("train: shadow %d of %d, %s on %d zoo records -> %s", self.index, self.parent.zoo.n_shadows,

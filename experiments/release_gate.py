@@ -39,6 +39,7 @@ ATTACKS_BY_ACCESS = {
     "samples": ["sample_distance", "monte_carlo", "domias"],
     "query": {"gan": ["latent_inversion_pbb"]},
     "white_box": {"gan": ["latent_inversion", "logan"],
+                  "memorizer": ["latent_inversion"],  # a generator G(z) without a discriminator
                   "diffusion": ["diffusion_loss", "secmi_stat", "pia"]},
 }
 ACCESS_LEVELS = ("samples", "query", "white_box")

@@ -591,3 +591,28 @@ def test_model_keys_count_data_captions_only_when_set(tmp_path):
         keys[name] = pipeline.train_key
     assert keys["default"] == keys["removed"] == keys["false"]
     assert keys["on"] != keys["default"]
+
+
+def test_a_trained_model_damaged_on_disk_is_named_not_attacked(tmp_path):
+    """Bytes flipped in the generator's weights, its size and modification time kept: the next run that loads the
+    model checks it against the sha256 its trainer recorded (a given model.checkpoint too) and stops."""
+    import os
+
+    from mia_gen import checksums
+    from mia_gen.errors import CorruptStoreError
+
+    overrides = [*TINY_DCGAN, "attack=[logan]", "attack.logan.mode=white_box"]
+    pipe = Pipeline(make_config(overrides, tmp_path / "cache"), tmp_path / "run")
+    pipe.attack()
+    weights = next(pipe.model_dir.glob("generator*.safetensors"))
+    status = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-8:] = bytes(b ^ 0xFF for b in data[-8:])
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(status.st_atime_ns, status.st_mtime_ns))
+    checksums._hashed.clear()  # another process: nothing hashed yet
+    for given, cache in (([], "cache"), ([f"model.checkpoint={pipe.model_dir}"], "cache2")):  # cached / given
+        checksums._hashed.clear()
+        again = Pipeline(make_config([*overrides, *given], tmp_path / cache), tmp_path / "run2")
+        with pytest.raises(CorruptStoreError, match=rf"{weights.name} does not match the sha256 recorded"):
+            again.generator

@@ -4,6 +4,7 @@ resumes, read when incomplete, and handed to LiRA / RMIA as the IN/OUT matrix sa
 from __future__ import annotations
 
 import json
+import shutil
 import logging
 import subprocess
 import sys
@@ -19,7 +20,7 @@ from sklearn.metrics import roc_auc_score
 import mia_gen.experiments.pipeline as pipeline_module
 from mia_gen.attacks.base import build_attack
 from mia_gen.attacks.shadow_stats import lira_online, rmia
-from mia_gen.errors import MiaGenError
+from mia_gen.errors import CorruptStoreError, MiaGenError
 from mia_gen.experiments.common import CONFIG_DIR
 from mia_gen.experiments.pipeline import Pipeline
 
@@ -297,3 +298,19 @@ def test_a_presets_settings_for_an_attack_not_selected_do_not_run_it(tmp_path, c
     with caplog.at_level("WARNING"):
         assert list(pipe.attacks()) == ["rmia"]
     assert "attack.lira holds settings (attack) but lira was not selected" in caplog.text
+
+
+def test_a_finished_shadow_without_its_weights_names_the_folder_to_delete_and_then_retrains(tmp_path):
+    """finished.json alone decided that a shadow was trained, and the suggested fix looped."""
+    overrides = [*ZOO, *LIRA]
+    pipe = Pipeline(make_config(overrides, tmp_path / "cache"), tmp_path / "run")
+    pipe.attack()
+    shadow = pipe.shadow_pipeline(1).model_dir
+    for weights in shadow.rglob("*.safetensors"):
+        weights.unlink()
+    again = Pipeline(make_config(overrides, tmp_path / "cache"), tmp_path / "run")
+    with pytest.raises(CorruptStoreError, match=rf"shadow 1 at {shadow} is marked finished .* Delete the whole folder"):
+        again.attack()
+    shutil.rmtree(shadow)  # the fix it names: the shadow trains again
+    Pipeline(make_config(overrides, tmp_path / "cache"), tmp_path / "run").attack()
+    assert any(shadow.rglob("*.safetensors"))
