@@ -297,6 +297,9 @@ class Pipeline:
         if not shorter:
             return
         done, source = max(shorter)
+        summary = read_checkpoint_summary(source)
+        if summary is not None:  # damage is named in the run it is in (deleting this run's folder would loop)
+            verify_checkpoint(source, summary, with_trainer_state=True)
         log.info("train: resuming from the finished %d-step run %s (same model, same data)", done, source.name)
         tmp = self.model_dir.with_name(f".{self.model_dir.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -752,23 +755,24 @@ class Pipeline:
         return trained
 
     def labelled_subset(self) -> tuple[np.ndarray, np.ndarray]:
-        """A seeded share of the queries, with labels, for attacks that learn; evaluation drops it."""
+        """A seeded share of the queries, with labels, for attacks that learn (and for learnt signs); evaluation
+        drops it. Stratified as SecMI's NNs attack draws it: the same fraction of the members and of the
+        non-members (`evaluation.labelled_fraction`, 20% by default), so both classes are in it in their ratio."""
         fraction = float(self.cfg.evaluation.labelled_fraction)
-        n_labelled = int(round(fraction * len(self.query_ids)))
-        if not 0 < n_labelled < len(self.query_ids):
-            raise MiaGenError(
-                f"evaluation.labelled_fraction={fraction} leaves no records to learn from or none to "
-                f"evaluate on ({len(self.query_ids)} queries); use a value in (0, 1), e.g. 0.2."
-            )
+        is_member = np.isin(self.query_ids, self.split.members)
         rng = np.random.default_rng([int(self.cfg.seed), 7])
-        positions = np.sort(rng.choice(len(self.query_ids), size=n_labelled, replace=False))
-        labels = np.isin(self.query_ids[positions], self.split.members).astype(int)
-        if labels.min() == labels.max():
-            raise MiaGenError(
-                "the labelled subset drawn for a learning attack holds only one class; raise "
-                "evaluation.labelled_fraction or the split sizes."
-            )
-        return positions, labels
+        chosen = []
+        for members in (True, False):
+            side = np.flatnonzero(is_member == members)
+            n_labelled = int(round(fraction * len(side)))
+            if not 0 < n_labelled < len(side):
+                raise MiaGenError(
+                    f"evaluation.labelled_fraction={fraction} of the {len(side)} "
+                    f"{'members' if members else 'non-members'} leaves none of them to learn from or none to evaluate "
+                    "on; use a value in (0, 1), e.g. 0.2, or a larger split.")
+            chosen.append(rng.choice(side, size=n_labelled, replace=False))
+        positions = np.sort(np.concatenate(chosen))
+        return positions, is_member[positions].astype(int)
 
     def groups(self, sizes: list[int], n_groups: int) -> dict[int, np.ndarray]:
         """Seeded co-membership groups (`mia_gen.groups.draw_groups`): per size n, `n_groups` groups of n

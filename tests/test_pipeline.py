@@ -303,7 +303,7 @@ def test_records_an_attack_learnt_from_are_not_evaluated_and_sweeps_are_plotted(
     finally:
         del ATTACKS["label_echo"]
     positions, labels = pipe.labelled_subset()
-    assert len(positions) == 40 and 0 < labels.sum() < 40  # 20% of 200 queries, both classes
+    assert len(positions) == 40 and labels.sum() == 20  # 20% of the 100 members and 20% of the 100 non-members
     echo = results["label_echo"]
     assert echo["auc"] == 0.5 and echo["n_members"] + echo["n_non_members"] == 160
     assert echo["auc_by_timestep"] == {"10": 0.5, "20": 0.5}
@@ -616,3 +616,24 @@ def test_a_trained_model_damaged_on_disk_is_named_not_attacked(tmp_path):
         again = Pipeline(make_config([*overrides, *given], tmp_path / cache), tmp_path / "run2")
         with pytest.raises(CorruptStoreError, match=rf"{weights.name} does not match the sha256 recorded"):
             again.generator
+
+
+def test_a_damaged_shorter_run_is_named_when_a_longer_run_would_extend_it(tmp_path):
+    """A finished 20-step run whose trainer_state.pt is damaged: the 30-step run of the same lineage names that
+    run's folder (deleting the new one looped), and once it is deleted trains from scratch."""
+    from mia_gen import checksums
+    from mia_gen.errors import CorruptStoreError
+
+    short = Pipeline(make_config(TINY_DCGAN, tmp_path / "cache"), tmp_path / "run")
+    short.train()
+    state = short.model_dir / "trainer_state.pt"
+    data = bytearray(state.read_bytes())
+    data[-4:] = bytes(b ^ 0xFF for b in data[-4:])
+    state.write_bytes(bytes(data))
+    checksums._hashed.clear()
+    longer = Pipeline(make_config([*TINY_DCGAN, "model.training.steps=30"], tmp_path / "cache"), tmp_path / "run")
+    with pytest.raises(CorruptStoreError, match=rf"checkpoint in {short.model_dir} is damaged: trainer_state.pt"):
+        longer.train()
+    shutil.rmtree(short.model_dir)
+    longer = Pipeline(make_config([*TINY_DCGAN, "model.training.steps=30"], tmp_path / "cache"), tmp_path / "run")
+    assert longer.train() == longer.model_dir and (longer.model_dir / "generator.safetensors").is_file()
