@@ -13,15 +13,22 @@ reference code's "clip" variant; its importance variant, which cuts the most imp
 per-word importance file for every caption and is not built). Timesteps: t_i = t_center - (t_step n) // 2 + t_step i (reference:
 T // 2, 10, 3 -> 485, 495, 505). Aggregation (the reference's cal_clid_th.py): features (L, -mean_w d_w),
 each scaled by a `RobustScaler` (median, interquartile range), s = (1 - alpha) L' + alpha (-mean d)',
-lower s = member; the score is -s. alpha in {0, 0.1, ..., 1} is chosen by the best AUC on the labelled
-calibration subset (the reference: on its shadow split; ties: the smallest alpha), whose records are
-then left out of the evaluation; or it is given, and the scaler is fitted on all queries without labels.
+lower s = member; the score is -s. alpha in {0, 0.1, ..., 1} is chosen by the best AUC (ties: the smallest
+alpha) on
+
+- `alpha=shadow`, the paper's threat model: shadow models' rows (the zoo's K shadows, each fine-tuned as the
+  target on its half of the records, IN / OUT known to the attacker), the scaler fitted on them too and applied
+  to the target's features. The reference code (`cal_clid_th.py`) fits them on one shadow model's split; it is
+  not in `zhaisf/CLiD`@16b3f57 (README and poster only), so this follows the paper's and the issue's description;
+- `alpha=labelled_subset` (default): the labelled calibration subset of the target's own records, then left out
+  of the evaluation: a stronger threat model (the attacker knows some of the target's members), no shadows;
+- a given alpha in [0, 1], with the scaler fitted on all queries without labels.
 
 Differences from the reference code: x0 is the VAE posterior mean, not a sample (DESIGN.md: a record
-has one x0); the noises are drawn per record from (seed, record id), not from a global stream; the
-scaler and alpha come from the labelled subset of the same queries (or a given alpha), not a shadow
-model's split; the score is the continuous -s (the framework's metrics sweep all thresholds) instead
-of the reference's thresholded decision.
+has one x0); the noises are drawn per record from (seed, record id), not from a global stream; by default the
+scaler and alpha come from the labelled subset of the same queries (`alpha=shadow`: from K >= 2 shadows pooled,
+where the reference has one); the score is the continuous -s (the framework's metrics sweep all thresholds)
+instead of the reference's thresholded decision.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from mia_gen.attacks.timesteps import (
 from mia_gen.errors import MiaGenError
 
 ALPHAS = tuple(i / 10 for i in range(11))  # the reference's grid for the weight of the discrepancy
+CALIBRATIONS = ("labelled_subset", "shadow")  # where the scaler and alpha are fitted (module docstring)
 
 
 def clid_timesteps(num_train_timesteps: int, n_timesteps: int, t_step: int, t_center: int | None = None) -> list[int]:
@@ -85,7 +93,7 @@ class CLiD(Attack):
         "t_step": 10,  # spacing of the timesteps (reference: 10)
         "t_center": None,  # null = T // 2; the timesteps are centred on it
         "include_null": True,  # also weaken to the empty caption (the unconditional branch)
-        "alpha": "labelled_subset",  # weight of the discrepancy: chosen on the labelled subset, or in [0, 1]
+        "alpha": "labelled_subset",  # weight of the discrepancy: chosen on labelled_subset | shadow (the zoo), or in [0, 1]
         "batch_size": 64,  # model inputs per call
     }
 
@@ -98,16 +106,21 @@ class CLiD(Attack):
                               f"got {self.t_center!r}.")
         if not isinstance(self.include_null, bool):
             raise MiaGenError(f"attack 'clid': include_null must be true or false, got {self.include_null!r}.")
-        if self.alpha != "labelled_subset" and (isinstance(self.alpha, bool) or not isinstance(
+        if self.alpha not in CALIBRATIONS and (isinstance(self.alpha, bool) or not isinstance(
                 self.alpha, (int, float)) or not 0.0 <= float(self.alpha) <= 1.0):
             raise MiaGenError(
-                f"attack 'clid': alpha must be 'labelled_subset' (chosen on the labelled calibration subset, as "
-                f"the reference does on its shadow split) or a number in [0, 1], got {self.alpha!r}."
+                f"attack 'clid': alpha must be 'shadow' (chosen on shadow models' IN / OUT rows, the paper's threat "
+                f"model), 'labelled_subset' (on a labelled part of the target's records) or a number in [0, 1], got "
+                f"{self.alpha!r}."
             )
 
     @property
     def needs_labelled_subset(self) -> bool:
         return self.alpha == "labelled_subset"
+
+    @property
+    def needs_shadow_models(self) -> bool:
+        return self.alpha == "shadow"
 
     def timesteps(self, num_train_timesteps: int) -> list[int]:
         """The checked timesteps of this attack for a model with T = `num_train_timesteps`."""
@@ -198,14 +211,44 @@ class CLiD(Attack):
         weak = embedded[[row[w] for w in weakened]].view(len(captions), -1, *embedded.shape[1:])
         return torch.cat([full.to(weak.device, weak.dtype)[:, None], weak], dim=1)
 
+    def feature_rows(self, context: AttackContext) -> tuple[np.ndarray, torch.Tensor]:
+        """The features (L, -mean_w d_w) `(Q, 2)` of the context's records under its model, and the discrepancies."""
+        loss, discrepancy = self.features(context)
+        return torch.stack([loss, -discrepancy.mean(dim=1)], dim=1).numpy(), discrepancy
+
+    def shadow_rows(self, context: AttackContext) -> tuple[np.ndarray, np.ndarray]:
+        """Every shadow's feature rows and IN (1) / OUT (0) labels, pooled (shadow by shadow)."""
+        membership = np.asarray(context.shadow_membership)
+        if membership.shape != (len(context.shadow_models), len(context.queries)) or membership.dtype != bool:
+            raise MiaGenError(f"attack 'clid': shadow_membership must be a bool (K, Q) IN/OUT matrix of the zoo, got "
+                              f"{membership.dtype} {membership.shape}.")
+        if membership.all() or not membership.any():
+            raise MiaGenError("attack 'clid': alpha=shadow needs shadows' IN and OUT rows among the records; the "
+                              "zoo has only one kind.")
+        for k, view in enumerate(context.shadow_models):
+            try:
+                self.check_inputs(view)
+            except MiaGenError as error:
+                raise MiaGenError(f"shadow model {k}: {error}") from None
+        rows = np.concatenate([self.feature_rows(view)[0] for view in context.shadow_models])
+        return rows, membership.reshape(-1).astype(int)
+
     def score(self, context: AttackContext) -> AttackOutput:
         self.check_inputs(context)  # before the labelled subset: a model CLiD cannot attack is the first thing to say
         subset = self.labelled_subset(context) if self.needs_labelled_subset else None
-        loss, discrepancy = self.features(context)
-        features = torch.stack([loss, -discrepancy.mean(dim=1)], dim=1).numpy()
+        features, discrepancy = self.feature_rows(context)
         info = {"timesteps": self.timesteps(int(context.denoiser.num_train_timesteps)),
                 "weakened_example": weakened_captions(context.captions[0], self.include_null),
                 "loss": features[:, 0].tolist(), "mean_discrepancy": discrepancy.mean(dim=1).tolist()}
+        if self.alpha == "shadow":  # the paper's threat model: fitted on shadow models' IN / OUT rows
+            rows, labels = self.shadow_rows(context)
+            _, info["scaler"] = robust_scaled(rows, np.arange(len(rows)))
+            scaled_rows = (rows - info["scaler"]["center"]) / info["scaler"]["scale"]
+            alpha, info["alpha_aucs"] = best_alpha(scaled_rows, labels)
+            scaled = (features - info["scaler"]["center"]) / info["scaler"]["scale"]
+            info.update(alpha=alpha, calibration="shadow", n_shadows=len(context.shadow_models),
+                        shadow_indices=list(context.shadow_indices or []))
+            return AttackOutput(scores=-clid_statistic(scaled, alpha), info=info)
         if subset is None:
             alpha = float(self.alpha)
             scaled, info["scaler"] = robust_scaled(features, np.arange(len(features)))

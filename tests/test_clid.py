@@ -239,6 +239,48 @@ def test_both_features_point_to_members_of_a_model_that_memorised_its_captioned_
         assert roc_auc_score(member, build_attack("clid", {"alpha": alpha})(queries).scores) == 1.0, alpha
 
 
+def test_alpha_shadow_calibrates_on_the_shadows_and_finds_the_targets_members(sd, sd_dir):
+    """alpha=shadow (the paper's threat model): the scaler and alpha fitted on the shadows' IN / OUT rows, pooled,
+    as a plain loop does it; then applied to the target, whose members (never labelled) it finds."""
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import RobustScaler
+
+    records = torch.randn(12, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    captions = [f"photo of the number {k}" for k in range(12)]
+    embeddings = sd.text_conditions(captions)
+
+    def memoriser(member):  # a model that memorised the captioned records `member` (bool (12,))
+        return text_denoiser(sd_dir, MemorisingNetwork(embeddings[member], records[member], sd.alphas_cumprod),
+                             (4, 8, 8))
+
+    target_members = np.arange(12) % 3 == 0
+    membership = np.array([np.arange(12) % 2 == 0, np.arange(12) % 2 == 1, np.arange(12) < 6])  # (K=3, Q)
+
+    def view(denoiser):
+        return AttackContext(queries=records, record_ids=np.arange(12), denoiser=denoiser, captions=captions)
+
+    target = view(memoriser(target_members))
+    target.shadow_models = [view(memoriser(row)) for row in membership]
+    target.shadow_membership, target.shadow_indices = membership, [0, 1, 2]
+    attack = build_attack("clid", {"alpha": "shadow"})
+    assert attack.needs_shadow_models and not attack.needs_labelled_subset
+    output = attack(target)
+    # the plain reference: every shadow's features, pooled, RobustScaler and the alpha grid on them
+    rows = np.concatenate([attack.feature_rows(shadow)[0] for shadow in target.shadow_models])
+    labels = membership.reshape(-1).astype(int)
+    scaler = RobustScaler().fit(rows)
+    scaled_rows = scaler.transform(rows)
+    aucs = [roc_auc_score(labels, -((1 - a) * scaled_rows[:, 0] + a * scaled_rows[:, 1])) for a in
+            [i / 10 for i in range(11)]]
+    best = [i / 10 for i in range(11)][int(np.argmax(aucs))]
+    scaled = scaler.transform(attack.feature_rows(target)[0])
+    assert output.info["alpha"] == best and output.info["calibration"] == "shadow" and output.info["n_shadows"] == 3
+    np.testing.assert_allclose(output.scores, -((1 - best) * scaled[:, 0] + best * scaled[:, 1]), rtol=1e-10)
+    assert roc_auc_score(target_members, output.scores) == 1.0
+    with pytest.raises(MiaGenError, match="needs a zoo"):
+        attack(view(memoriser(target_members)))  # no shadows: the Attack's own check says how to train them
+
+
 @pytest.mark.slow
 def test_clid_finds_the_members_of_a_briefly_fine_tuned_text_unet(sd_dir):
     """The tiny SD UNet and text encoder, fine-tuned (Adam, 300 steps, ~1 min on one idle core) on 8 of 16
@@ -299,7 +341,7 @@ def test_the_default_alpha_needs_a_labelled_subset_with_both_classes(sd, images)
 
 
 @pytest.mark.parametrize("params, message", [
-    ({"alpha": 1.5}, r"alpha must be 'labelled_subset'.*\[0, 1\]"),
+    ({"alpha": 1.5}, r"alpha must be 'shadow'.*'labelled_subset'.*\[0, 1\]"),
     ({"alpha": "best"}, "alpha must be"),
     ({"alpha": True}, "alpha must be"),
     ({"n_timesteps": 0}, "n_timesteps must be a positive integer"),
