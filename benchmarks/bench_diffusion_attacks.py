@@ -132,6 +132,24 @@ def counted_work(denoiser: Denoiser):
             handle.remove()
 
 
+def bare_latent_work(denoiser: Denoiser, counts: dict, queries: torch.Tensor, captions: list[str],
+                     device: torch.device):
+    """The bare cost of an attack's counted work (`counted_work`): its text-encoder strings, one VAE encode a
+    record, and its UNet calls (as many, each with as many rows) on random latents with precomputed embeddings."""
+    unet_calls, strings = counts["unet"], counts["captions"]
+    latents = torch.randn(max(unet_calls), *denoiser.sample_shape, device=device)
+    timesteps = torch.full((len(latents),), 100, dtype=torch.long, device=device)
+    embeddings = denoiser.text_conditions(captions[:1]).expand(len(latents), -1, -1).contiguous()
+
+    def bare_work() -> None:
+        denoiser.text_conditions(strings)
+        denoiser.to_x0(queries)
+        for rows in unet_calls:
+            denoiser.epsilon(latents[:rows], timesteps[:rows], embeddings[:rows])
+
+    return bare_work
+
+
 def latent_main(args) -> None:
     n_records, repeats = args.records or 128, 1 if args.quick else args.repeats
     device = resolve_device(args.device)
@@ -160,15 +178,7 @@ def latent_main(args) -> None:
         with counted_work(denoiser) as counts:  # untimed: counts the work, warms up
             run_attack(build_attack(name, params))
         unet_calls, text_strings = counts["unet"], counts["captions"]
-        latents = torch.randn(max(unet_calls), *denoiser.sample_shape, device=device)
-        timesteps = torch.full((len(latents),), 100, dtype=torch.long, device=device)
-        embeddings = denoiser.text_conditions(captions[:1]).expand(len(latents), -1, -1).contiguous()
-
-        def bare_work():
-            denoiser.text_conditions(text_strings)
-            denoiser.to_x0(queries)
-            for rows in unet_calls:
-                denoiser.epsilon(latents[:rows], timesteps[:rows], embeddings[:rows])
+        bare_work = bare_latent_work(denoiser, counts, queries, captions, device)
 
         print(f"{name}: {len(unet_calls)} UNet calls ({sum(unet_calls) / n_records:g} rows per record, largest "
               f"{max(unet_calls)}), VAE rows {counts['vae_rows']}, text strings {len(text_strings)} "

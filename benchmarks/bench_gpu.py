@@ -44,7 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from bench_diffusion_attacks import counted_work, cpu_ddpm  # noqa: E402
+from bench_diffusion_attacks import bare_latent_work, counted_work, cpu_ddpm  # noqa: E402
 from bench_knn import machine_info, time_interleaved, write_result  # noqa: E402
 from bench_shadow_attacks import GSA_SPEEDUP_TARGET, bench_gsa  # noqa: E402
 
@@ -353,17 +353,8 @@ def throughput(denoiser: Denoiser, gpu: torch.device, sizes: dict, dry: bool) ->
 
         with counted_work(denoiser) as counts:  # untimed: counts the work, warms up
             run()
-        unet_calls, strings = counts["unet"], counts["captions"]
-        latents = torch.randn(max(unet_calls), *denoiser.sample_shape, device=gpu)
-        timesteps = torch.full((len(latents),), 100, dtype=torch.long, device=gpu)
-        embeddings = denoiser.text_conditions(captions[:1]).expand(len(latents), -1, -1).contiguous()
-
-        def bare():
-            denoiser.text_conditions(strings)
-            denoiser.to_x0(queries)
-            for call_rows in unet_calls:
-                denoiser.epsilon(latents[:call_rows], timesteps[:call_rows], embeddings[:call_rows])
-
+        unet_calls = counts["unet"]
+        bare = bare_latent_work(denoiser, counts, queries, captions, gpu)
         reset_peak(gpu)
         timed = time_interleaved({name: run, "bare": bare}, sizes["repeats"])
         attack_s, bare_s = timed[name]["median_s"], timed["bare"]["median_s"]
