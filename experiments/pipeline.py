@@ -49,6 +49,8 @@ LINEAGE_JSON = "lineage.json"
 # Written into a shadow model's directory once its training has finished: a zoo job killed mid-training
 # leaves none, so the shadow counts as missing (and resumes from its last checkpoint when trained again).
 FINISHED_JSON = "finished.json"
+# The data loader's settings as a synthetic dataset sets them (`Pipeline.synthetic_records`).
+SYNTHETIC_KEYS = {"data.path": "synthetic.path", "data.root": "synthetic.path", "data.value_range": "synthetic.value_range"}
 
 
 def _write_json_atomic(path: Path, payload: dict) -> None:
@@ -147,7 +149,13 @@ class Pipeline:
         else:
             spec = {"name": "array", "path": str(self.synthetic_path),
                     "value_range": list(self.cfg.synthetic.value_range)}
-        synthetic = load_dataset(spec)
+        try:
+            synthetic = load_dataset(spec)
+        except MiaGenError as error:  # the loader names data.* keys; here the user set synthetic.*
+            message = str(error)
+            for data_key, synthetic_key in SYNTHETIC_KEYS.items():
+                message = message.replace(data_key, synthetic_key)
+            raise type(error)(f"the synthetic dataset (synthetic.path={self.synthetic_path}): {message}") from error
         if synthetic.kind != self.records.kind or synthetic.record_shape != need:
             raise MiaGenError(
                 f"synthetic.path={self.synthetic_path} holds {synthetic.kind} records of shape "

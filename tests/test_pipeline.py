@@ -637,3 +637,17 @@ def test_a_damaged_shorter_run_is_named_when_a_longer_run_would_extend_it(tmp_pa
     shutil.rmtree(short.model_dir)
     longer = Pipeline(make_config([*TINY_DCGAN, "model.training.steps=30"], tmp_path / "cache"), tmp_path / "run")
     assert longer.train() == longer.model_dir and (longer.model_dir / "generator.safetensors").is_file()
+
+
+def test_a_bad_synthetic_file_is_named_by_the_synthetic_keys_the_user_set(tmp_path):
+    """The data loader's messages named data.* keys, which a user auditing a synthetic file never set."""
+    from mia_gen.errors import MiaGenError, MissingAssetError
+
+    np.save(tmp_path / "wide.npy", (np.random.default_rng(0).random((20, 1, 8, 8)) * 255).astype(np.float32))
+    cases = ((tmp_path / "wide.npy", MiaGenError, "synthetic.value_range"),
+             (tmp_path / "missing.npy", MissingAssetError, "synthetic.path"))
+    for path, error, key in cases:
+        pipe = Pipeline(make_config([*FAST, f"synthetic.path={path}"], tmp_path / "cache"), tmp_path / "run")
+        with pytest.raises(error, match=rf"synthetic dataset .*{key}") as caught:
+            pipe.synthetic_records
+        assert "data.path" not in str(caught.value) and "data.value_range" not in str(caught.value)
