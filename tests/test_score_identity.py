@@ -213,6 +213,7 @@ def context_reads(pipeline: Pipeline, name: str, monkeypatch) -> set[str]:
     monkeypatch.setattr(Pipeline, "generator", property(lambda self: object()))
     monkeypatch.setattr(Pipeline, "denoiser", property(lambda self: object()))
     monkeypatch.setattr(Pipeline, "samples", property(lambda self: object()))
+    monkeypatch.setattr(Pipeline, "trained_model_dir", property(lambda self: self.model_dir))  # nothing trains
     monkeypatch.setattr(pipeline_module, "load_discriminator", lambda *args, **kwargs: object())
     reads = set()
     recording = Pipeline(RecordingConfig(pipeline.cfg, reads), pipeline.run_dir)
