@@ -242,10 +242,9 @@ class CLiD(Attack):
                 "loss": features[:, 0].tolist(), "mean_discrepancy": discrepancy.mean(dim=1).tolist()}
         if self.alpha == "shadow":  # the paper's threat model: fitted on shadow models' IN / OUT rows
             rows, labels = self.shadow_rows(context)
-            _, info["scaler"] = robust_scaled(rows, np.arange(len(rows)))
-            scaled_rows = (rows - info["scaler"]["center"]) / info["scaler"]["scale"]
-            alpha, info["alpha_aucs"] = best_alpha(scaled_rows, labels)
-            scaled = (features - info["scaler"]["center"]) / info["scaler"]["scale"]
+            both, info["scaler"] = robust_scaled(np.vstack([rows, features]), np.arange(len(rows)))  # fit: shadows
+            alpha, info["alpha_aucs"] = best_alpha(both[: len(rows)], labels)
+            scaled = both[len(rows):]
             info.update(alpha=alpha, calibration="shadow", n_shadows=len(context.shadow_models),
                         shadow_indices=list(context.shadow_indices or []))
             return AttackOutput(scores=-clid_statistic(scaled, alpha), info=info)

@@ -42,7 +42,6 @@ REFERENCE = ("py85252876/GSA@494ce8c1a304afbb97abae59b42c65b6c5d932c2 (2024-12-0
 STANDARDIZE = ("pooled", "per_model", "none")
 SPACINGS = ("reference", "rounded")
 BALANCES = ("truncate", "none")
-CLASSIFIERS = ("auto", *BACKENDS)
 
 
 def xgboost_installed() -> bool:

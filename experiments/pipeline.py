@@ -33,7 +33,7 @@ from mia_gen.sample_store import SampleStore, import_samples, write_samples
 from mia_gen.splits import load_or_make_split, membership_source
 from mia_gen.zoo import ZooMembership, draw_zoo
 from mia_gen.experiments.common import CONFIG_DIR
-from mia_gen.models.checkpoint import STATE_JSON, read_checkpoint_summary, verify_checkpoint
+from mia_gen.models.checkpoint import STATE_JSON, verify_recorded_files
 from mia_gen.models.defense import Defense, effective_training
 from mia_gen.models.factory import (finetune_method, is_latent_text, load_diffusion_denoiser, load_discriminator,
                                     load_generator, train_base_model, train_model)
@@ -305,9 +305,7 @@ class Pipeline:
         if not shorter:
             return
         done, source = max(shorter)
-        summary = read_checkpoint_summary(source)
-        if summary is not None:  # damage is named in the run it is in (deleting this run's folder would loop)
-            verify_checkpoint(source, summary, with_trainer_state=True)
+        verify_recorded_files(source, with_trainer_state=True)  # damage named in the run it is in, not this one
         log.info("train: resuming from the finished %d-step run %s (same model, same data)", done, source.name)
         tmp = self.model_dir.with_name(f".{self.model_dir.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -481,9 +479,7 @@ class Pipeline:
         recorded: a weight file damaged on disk since (even with its size and time kept) is never read as good."""
         self.train()
         if isinstance(self.model_dir, Path) and self.model_dir.is_dir():
-            summary = read_checkpoint_summary(self.model_dir)
-            if summary is not None:
-                verify_checkpoint(self.model_dir, summary, with_trainer_state=False)
+            verify_recorded_files(self.model_dir, with_trainer_state=False)
         return self.model_dir
 
     @cached_property

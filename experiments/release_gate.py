@@ -206,13 +206,10 @@ def write_audit(run_dir: Path, decision: dict, exposed: list[dict]) -> None:
               f"TPR@{decision['at_fpr']:g}FPR [{interval}] | verdict |", "|---|---|---|---|---|---|---|"]
     for row in decision["attacks"]:
         sizes = f"{row['n_members']} / {row['n_non_members']}" if "n_members" in row else ""
-        auc_interval = row.get("auc_interval", row.get("ci95"))
+        auc = "" if row.get("auc") is None else f"{row['auc']:.3f}{_interval(row.get('auc_interval', row.get('ci95')))}"
         tpr = "" if row.get("tpr") is None else f"{row['tpr']:.3f}{_interval(row.get('tpr_interval', row.get('tpr_ci95')))}"
         lines.append(f"| {row['attack']} | {row['access']} | {row['sign']:+d} ({row['sign_source']}) | {sizes} | "
-                     f"{row['auc']:.3f}{_interval(auc_interval)} | {tpr} | {_verdict_cell(row)} |"
-                     if row.get("auc") is not None else
-                     f"| {row['attack']} | {row['access']} | {row['sign']:+d} ({row['sign_source']}) | {sizes} | | "
-                     f"{tpr} | {_verdict_cell(row)} |")
+                     f"{auc} | {tpr} | {_verdict_cell(row)} |")
     notes = [f"- {row['attack']}: {note}" for row in decision["attacks"] for note in row["notes"]]
     if notes:
         lines += ["", "Notes:", "", *notes]

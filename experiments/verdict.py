@@ -38,7 +38,6 @@ from mia_gen.errors import MiaGenError
 from mia_gen.metrics import bootstrap_ci, fpr_is_resolvable, tpr_at_fpr
 
 RULES = ("simultaneous", "point", "lower_bound")
-OUTCOMES = ("PASS", "FAIL", "INCONCLUSIVE")
 MIN_RECORDS = 10  # members and non-members below which a check decides nothing (normal intervals)
 MIN_BOOTSTRAP = 2000  # resamples of a TPR interval at a Bonferroni level (its tails hold a few resamples each)
 
@@ -112,11 +111,16 @@ def verdict(results: Sequence[Mapping], max_auc: float | None, max_tpr: float | 
     nothing = (np.zeros(0, dtype=int), np.zeros(0))  # an attack that scored none of the evaluated records
     rows = [_simultaneous_row(result, scores.get(result["attack"], nothing), thresholds, at_fpr, level,
                               max(int(n_bootstrap), MIN_BOOTSTRAP), seed) for result in results]
-    decisions = {row["decision"] for row in rows}
-    outcome = "FAIL" if "fail" in decisions else ("PASS" if decisions == {"pass"} else "INCONCLUSIVE")
+    outcome = combined(row["decision"] for row in rows).upper()  # FAIL | PASS | INCONCLUSIVE
     return {"outcome": outcome, "passed": outcome == "PASS", "rule": rule, "max_auc": max_auc, "max_tpr": max_tpr,
             "at_fpr": at_fpr, "confidence": confidence, "n_checks": n_checks, "check_level": level,
             "attacks": rows}
+
+
+def combined(decisions) -> str:
+    """One decision of several: "fail" when any fails, "pass" only when all pass, else "inconclusive"."""
+    decisions = set(decisions)
+    return "fail" if "fail" in decisions else ("pass" if decisions == {"pass"} else "inconclusive")
 
 
 def _simultaneous_row(result: Mapping, evaluated: tuple[np.ndarray, np.ndarray], thresholds, at_fpr: float,
@@ -150,8 +154,7 @@ def _simultaneous_row(result: Mapping, evaluated: tuple[np.ndarray, np.ndarray],
         row.update({metric: check["estimate"], f"{metric}_interval": check["interval"]})
     if "tpr" not in row and "tpr_at_fpr" in result:  # shown, not tested: no TPR threshold
         row.update(tpr=float(result["tpr_at_fpr"][at_fpr_key(result["tpr_at_fpr"], at_fpr)]), tpr_interval=None)
-    decisions = {check["decision"] for check in row["checks"]}
-    row["decision"] = "fail" if "fail" in decisions else ("pass" if decisions == {"pass"} else "inconclusive")
+    row["decision"] = combined(check["decision"] for check in row["checks"])
     row["passed"] = row["decision"] == "pass"
     return row
 

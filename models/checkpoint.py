@@ -219,6 +219,14 @@ def verify_checkpoint(out_dir: Path, summary: dict, with_trainer_state: bool) ->
             )
 
 
+def verify_recorded_files(out_dir: Path, with_trainer_state: bool) -> None:
+    """`verify_checkpoint` of the checkpoint in `out_dir` when its trainer recorded one (a model saved without a
+    trainer summary, e.g. the memorizer or a pipeline trained elsewhere, has nothing to check against)."""
+    summary = read_checkpoint_summary(out_dir)
+    if summary is not None:
+        verify_checkpoint(out_dir, summary, with_trainer_state)
+
+
 def load_trainer_state(out_dir: Path, start: int) -> dict:
     """The resume state (optimizers, data order, RNGs) a trainer saved at step `start`.
 
