@@ -16,9 +16,10 @@ from pathlib import Path
 import numpy as np
 from omegaconf import OmegaConf
 
+from mia_gen.auc_inference import delong_auc_variance, normal_interval
 from mia_gen.blind_baseline import blind_baseline
 from mia_gen.errors import MiaGenError
-from mia_gen.groups import per_record_average
+from mia_gen.groups import group_labels, per_record_average
 from mia_gen.metrics import auc, calibrated_sign, evaluate_scores, group_auc, roc_points
 from mia_gen.experiments.report import (
     ShadowROC,
@@ -165,21 +166,33 @@ def _most_exposed(labels: np.ndarray, scores: np.ndarray, n_rows: int) -> np.nda
     return np.asarray(rows)
 
 
-def _group_aucs(entry: dict, labels: np.ndarray, scores: np.ndarray) -> tuple[dict, dict]:
-    """Co-membership: per group size n, `({n: AUC of the attack's joint group scores}, {n: AUC of the mean of
-    the group's per-record scores})`, both on the attack's groups and read with the entry's sign. `labels`,
-    `scores` `(K,)` are the evaluated records'; the groups index all of the entry's records."""
+def _group_aucs(entry: dict, labels: np.ndarray, scores: np.ndarray) -> dict[str, dict]:
+    """Co-membership, per group size n: the AUC of the attack's joint group scores (`group_auc`) with its 95%
+    DeLong interval (`group_auc_ci`, None with fewer than 2 groups of a class), the AUC of the mean of each
+    group's per-record scores on the same groups (`group_auc_per_record_average`, with
+    `group_auc_per_record_average_ci`), and the groups behind them (`n_groups`: [member groups, non-member
+    groups]). The groups of one size are disjoint (`mia_gen.groups.draw_groups`), so the interval may treat
+    them as independent. Read with the entry's sign. `labels`, `scores` `(K,)` are the evaluated records';
+    the groups index all of the entry's records."""
     kept = np.asarray(entry["kept"])  # sorted
-    joint, average = {}, {}
+    out = {key: {} for key in ("group_auc", "group_auc_ci", "group_auc_per_record_average",
+                               "group_auc_per_record_average_ci", "n_groups")}
     for n, group_scores in sorted(entry["info"]["group_scores"].items(), key=lambda item: int(item[0])):
         positions = np.asarray(entry["info"]["groups"][n], dtype=np.int64)
         rows = np.searchsorted(kept, positions)
         if not np.array_equal(kept[np.minimum(rows, len(kept) - 1)], positions):
             raise MiaGenError(f"attack '{entry['attack']}': its groups hold records that are left out of the "
                               "evaluation; groups must be drawn from the evaluated records (Pipeline.groups).")
-        joint[n] = group_auc(labels, rows, entry["sign"] * np.asarray(group_scores, dtype=np.float64))
-        average[n] = group_auc(labels, rows, per_record_average(scores, rows))
-    return joint, average
+        member = group_labels(rows, labels)
+        out["n_groups"][n] = [int(member.sum()), int(len(member) - member.sum())]
+        for key, values in (("group_auc", entry["sign"] * np.asarray(group_scores, dtype=np.float64)),
+                            ("group_auc_per_record_average", per_record_average(scores, rows))):
+            out[key][n] = group_auc(labels, rows, values)
+            out[f"{key}_ci"][n] = None
+            if min(out["n_groups"][n]) >= 2:
+                estimate, variance = delong_auc_variance(member, values)
+                out[f"{key}_ci"][n] = normal_interval(estimate, variance, 0.95)
+    return out
 
 
 def write_outputs(pipeline, scored: dict[str, dict], on_written=None) -> list[dict]:
@@ -216,7 +229,7 @@ def write_outputs(pipeline, scored: dict[str, dict], on_written=None) -> list[di
                 for t, values in entry["info"]["sweep"].items()
             }
         if entry["info"].get("group_scores"):
-            result["group_auc"], result["group_auc_per_record_average"] = _group_aucs(entry, labels, scores)
+            result.update(_group_aucs(entry, labels, scores))
             groups[name] = result["group_auc"]
             groups[f"{name} (per-record average)"] = result["group_auc_per_record_average"]
         results.append(result)

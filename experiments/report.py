@@ -250,22 +250,37 @@ def plot_group_auc(groups: Mapping[str, Mapping[str, float]], path) -> Path:
                       log2_x=True)
 
 
+def _group_auc_cell(values: Mapping, intervals: Mapping | None, n: str) -> str:
+    if n not in values:
+        return "–"
+    interval = (intervals or {}).get(n)
+    return f"{values[n]:.3f}" + (f" [{interval[0]:.2f}, {interval[1]:.2f}]" if interval else "")
+
+
 def _group_auc_lines(results: Sequence[Mapping]) -> list[str]:
     """report.md's co-membership table: per attack and group size n, the AUC of the joint decision
-    (`group_auc`) beside the mean of per-record scores over the same groups (`group_auc_per_record_average`)."""
+    (`group_auc`) beside the mean of per-record scores over the same groups (`group_auc_per_record_average`),
+    each with its 95% interval, and how many groups of each class decided it."""
     lines = []
     for result in results:
         joint, average = result.get("group_auc"), result.get("group_auc_per_record_average")
         if not joint:
             continue
         sizes = sorted(joint, key=int)
+        counts = result.get("n_groups") or {}
         lines += [f"## Groups of n records decided jointly ({result['attack']})", "",
-                  "AUC over groups of n members against groups of n non-members (the same groups in both rows).", "",
+                  "AUC [95% DeLong interval] over groups of n members against groups of n non-members (the same "
+                  "disjoint groups in both rows).", "",
                   "| | " + " | ".join(f"n={n}" for n in sizes) + " |", "|---|" + "---|" * len(sizes),
-                  "| joint (attack network refined on the group) | " + " | ".join(f"{joint[n]:.3f}" for n in sizes) + " |"]
+                  "| joint (attack network refined on the group) | "
+                  + " | ".join(_group_auc_cell(joint, result.get("group_auc_ci"), n) for n in sizes) + " |"]
         if average:
             lines.append("| mean of per-record scores | "
-                         + " | ".join(f"{average[n]:.3f}" if n in average else "–" for n in sizes) + " |")
+                         + " | ".join(_group_auc_cell(average, result.get("group_auc_per_record_average_ci"), n)
+                                      for n in sizes) + " |")
+        if counts:
+            lines.append("| groups (members / non-members) | "
+                         + " | ".join("/".join(map(str, counts[n])) if n in counts else "–" for n in sizes) + " |")
         lines.append("")
     return lines
 

@@ -16,19 +16,25 @@ from mia_gen.errors import MiaGenError
 
 def draw_groups(is_member: np.ndarray, sizes: Iterable[int], n_groups: int, seed: int,
                 eligible: Optional[np.ndarray] = None) -> dict[int, np.ndarray]:
-    """Per size n, `n_groups` groups of n distinct members and `n_groups` of n distinct non-members,
-    rows shuffled together so that a row's position says nothing of its label.
+    """Per size n, up to `n_groups` disjoint groups of n members and up to `n_groups` disjoint groups of n
+    non-members, rows shuffled together so that a row's position says nothing of its label.
+
+    Within one size no record is in two groups: the groups are consecutive runs of one seeded permutation of
+    the pool, so a class with P records gives min(`n_groups`, P // n) groups. Reusing records across groups
+    (as independent draws would: 200 groups of 16 from 64 members use each member 50 times) makes the groups
+    dependent, and an interval on the group AUC that treats them as independent would be far too narrow.
+    Different sizes draw independently.
 
     Args:
         is_member (`np.ndarray` of shape `(Q,)`, bool): the queries' membership.
         sizes: the group sizes n (positive integers).
-        n_groups: groups per class and size.
+        n_groups: at most this many groups per class and size.
         seed: the draw is a function of (seed, n) only.
         eligible (`np.ndarray` of query positions, optional): draw only from these (e.g. to leave out
             a labelled calibration subset); all queries when None.
 
     Returns:
-        `{n: np.ndarray of shape (2 * n_groups, n)}` of query positions (int64).
+        `{n: np.ndarray of shape (G_members + G_non_members, n)}` of query positions (int64).
     """
     is_member = np.asarray(is_member, dtype=bool)
     positions = np.arange(len(is_member)) if eligible is None else np.sort(np.asarray(eligible, dtype=np.int64))
@@ -47,7 +53,8 @@ def draw_groups(is_member: np.ndarray, sizes: Iterable[int], n_groups: int, seed
                     f"groups of {n} need at least {n} {'members' if label else 'non-members'} but {len(pool)} "
                     "can be drawn; use smaller group sizes or a larger split."
                 )
-            rows.append(pool[np.argsort(rng.random((int(n_groups), len(pool))), axis=1)[:, :n]])
+            count = min(int(n_groups), len(pool) // int(n))
+            rows.append(rng.permutation(pool)[: count * int(n)].reshape(count, int(n)))
         stacked = np.concatenate(rows)
         groups[int(n)] = stacked[rng.permutation(len(stacked))].astype(np.int64)
     return groups

@@ -29,17 +29,19 @@ def context(queries, generator, groups, seed=4):
                          groups=groups, seed=seed)
 
 
-def test_groups_are_pure_seeded_shuffled_and_drawn_only_from_the_eligible_records():
+def test_groups_are_pure_seeded_shuffled_disjoint_and_drawn_only_from_the_eligible_records():
     is_member = np.r_[np.ones(30, bool), np.zeros(40, bool)]
     groups = draw_groups(is_member, [1, 4], n_groups=25, seed=3)
-    assert sorted(groups) == [1, 4] and groups[4].shape == (50, 4)
-    for rows in groups.values():
+    assert sorted(groups) == [1, 4] and groups[1].shape == (50, 1)
+    assert groups[4].shape == (7 + 10, 4)  # at most P // n disjoint groups of a class of P records
+    for n, rows in groups.items():
         labels = group_labels(rows, is_member)  # raises on a mixed group
-        assert labels.sum() == 25
-        assert 0 < np.flatnonzero(labels)[0] < 25 or labels[0] == 0  # not all members first
-    assert all(len(set(row)) == 4 for row in groups[4].tolist())  # distinct records within a group
+        assert labels.sum() == min(25, 30 // n)
+        assert not np.array_equal(labels, np.sort(labels)[::-1])  # shuffled: not all member groups first
+        assert len(set(rows.ravel().tolist())) == rows.size  # no record in two groups of one size
     np.testing.assert_array_equal(draw_groups(is_member, [4], 25, seed=3)[4], groups[4])
     assert not np.array_equal(draw_groups(is_member, [4], 25, seed=4)[4], groups[4])
+    assert draw_groups(is_member, [4], 3, seed=3)[4].shape == (6, 4)  # n_groups caps each class
     eligible = np.r_[0:10, 50:70]
     assert set(draw_groups(is_member, [4], 25, seed=3, eligible=eligible)[4].ravel()) <= set(eligible)
     with pytest.raises(MiaGenError, match="at least 11 members"):
@@ -62,29 +64,45 @@ def test_per_record_average_and_group_auc_equal_a_plain_loop_over_the_same_group
     assert group_auc(labels, rows, averages) == pytest.approx(wins)
 
 
-def test_without_refinement_a_group_scores_the_mean_of_its_records_inversions(generator, generated_and_far):
-    """refine_steps=0: the joint attack reduces to the per-record-average baseline (for n = 1: the
-    per-record encoder-started inversion itself)."""
+def encoder_reconstruction_distance(network, generator, targets):
+    """The group decision's distance, written out: the mean L2 between each target and G(E(target))."""
+    with torch.no_grad():
+        return (generator(network(targets)) - targets).square().flatten(1).mean(1).double()
+
+
+def test_without_refinement_a_group_scores_its_records_encoder_reconstructions(generator, generated_and_far):
+    """refine_steps=0: a group scores minus the mean distance of its records to G(E(x)) through the pre-trained
+    encoder; with per_record_search it is the per-record-average baseline (for n = 1: the per-record
+    encoder-started inversion itself)."""
     groups = draw_groups(IS_MEMBER, [1, 2], n_groups=2, seed=0)
-    output = build_attack("co_membership", {**FAST, "group_sizes": [1, 2], "refine_steps": 0})(
+    params = {**FAST, "group_sizes": [1, 2], "refine_steps": 0}
+    decided = build_attack("co_membership", params)(context(generated_and_far, generator, groups))
+    searched = build_attack("co_membership", {**params, "per_record_search": True})(
         context(generated_and_far, generator, groups))
     encoder, _ = train_encoder(generator, (1, 16, 16), 5, 32, 1e-3, 4, torch.device("cpu"))
     with torch.no_grad():
         z0 = encoder(generated_and_far)
     distance, _, _ = invert(ReconstructionObjective(generator, generated_and_far, 0.0, 0.001), z0, "lbfgs", 5, 0.05, 1024)
-    np.testing.assert_allclose(output.scores, -distance.double().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(decided.scores, -distance.double().numpy(), rtol=1e-5)
+    np.testing.assert_allclose(searched.scores, decided.scores, rtol=1e-12)  # the per-record attack is the same
+    reconstructed = encoder_reconstruction_distance(encoder, generator, generated_and_far).numpy()
     for n, rows in groups.items():
-        np.testing.assert_allclose(output.info["group_scores"][str(n)], per_record_average(output.scores, rows),
+        np.testing.assert_allclose(searched.info["group_scores"][str(n)], per_record_average(searched.scores, rows),
                                    rtol=1e-5)
-        assert output.info["groups"][str(n)] == rows.tolist()
+        np.testing.assert_allclose(decided.info["group_scores"][str(n)], [-reconstructed[row].mean() for row in rows],
+                                   rtol=1e-5)
+        assert decided.info["groups"][str(n)] == rows.tolist()
 
 
-def test_joint_refinement_equals_a_plain_loop_that_fine_tunes_the_encoder_on_each_group(generator, generated_and_far):
-    """A group's n targets refine one copy of the encoder together (Adam on their mean loss), then each target's
-    inversion starts from the refined encoder; the batched attack matches this loop group by group."""
+@pytest.mark.parametrize("per_record_search", [False, True])
+def test_joint_refinement_equals_a_plain_loop_that_fine_tunes_the_encoder_on_each_group(
+        generator, generated_and_far, per_record_search):
+    """A group's n targets refine one copy of the encoder together (Adam on their mean loss); the group is decided
+    on the refined network's reconstructions (or, as an option, after each target's inversion from it); the
+    batched attack matches this loop group by group."""
     groups = draw_groups(IS_MEMBER, [1, 2], n_groups=2, seed=1)
-    params = {**FAST, "group_sizes": [1, 2], "batch_size": 2}  # several refinement chunks
-    output = build_attack("co_membership", params)(context(generated_and_far, generator, groups))
+    params = {**FAST, "group_sizes": [1, 2], "batch_size": 2, "per_record_search": per_record_search}
+    output = build_attack("co_membership", params)(context(generated_and_far, generator, groups))  # several chunks
     encoder, _ = train_encoder(generator, (1, 16, 16), 5, 32, 1e-3, 4, torch.device("cpu"))
     for n, rows in groups.items():
         expected = []
@@ -98,9 +116,12 @@ def test_joint_refinement_equals_a_plain_loop_that_fine_tunes_the_encoder_on_eac
                 optimiser.zero_grad()
                 loss.backward()
                 optimiser.step()
-            with torch.no_grad():
-                z = network(targets)
-            distance, _, _ = invert(objective, z, "lbfgs", 5, 0.05, 1024)
+            if per_record_search:
+                with torch.no_grad():
+                    z = network(targets)
+                distance, _, _ = invert(objective, z, "lbfgs", 5, 0.05, 1024)
+            else:
+                distance = encoder_reconstruction_distance(network, generator, targets)
             expected.append(-float(distance.double().mean()))
         np.testing.assert_allclose(output.info["group_scores"][str(n)], expected, rtol=1e-4, atol=1e-6)
 
@@ -127,12 +148,12 @@ class SoftMemorizer(torch.nn.Module):
 
 def test_groups_of_members_of_a_memorising_generator_are_decided_jointly_better_than_chance():
     rng = torch.Generator().manual_seed(5)
-    images = torch.tanh(torch.nn.functional.avg_pool2d(torch.randn(16, 1, 32, 32, generator=rng), 2) * 4)
-    members = images[:8]  # images[8:] are the non-members, never seen by the memoriser
+    images = torch.tanh(torch.nn.functional.avg_pool2d(torch.randn(48, 1, 32, 32, generator=rng), 2) * 4)
+    members = images[:24]  # images[24:] are the non-members, never seen by the memoriser
     memoriser = SoftMemorizer(members)
-    is_member = np.r_[np.ones(8, bool), np.zeros(8, bool)]
-    groups = draw_groups(is_member, [4], n_groups=6, seed=0)
-    params = {**FAST, "group_sizes": [4], "refine_steps": 20, "iterations": 10}
+    is_member = np.r_[np.ones(24, bool), np.zeros(24, bool)]
+    groups = draw_groups(is_member, [4], n_groups=6, seed=0)  # 6 disjoint groups of each class
+    params = {**FAST, "group_sizes": [4], "refine_steps": 40, "iterations": 10}
     output = build_attack("co_membership", params)(context(images, memoriser, groups))
     joint = group_auc(is_member.astype(int), groups[4], output.info["group_scores"]["4"])
     assert joint >= 0.9, joint

@@ -413,10 +413,15 @@ def test_co_membership_reports_the_joint_attack_beside_the_per_record_average_on
     pipeline.run()
     (result,) = json.loads((tmp_path / "run" / "results.json").read_text())["attacks"]
     assert set(result["group_auc"]) == set(result["group_auc_per_record_average"]) == {"1", "4"}
+    # disjoint groups (20 of each class per n here) and each group AUC with its 95% DeLong interval
+    assert result["n_groups"] == {"1": [20, 20], "4": [20, 20]}
+    for key in ("group_auc", "group_auc_per_record_average"):
+        for n, (low, high) in result[f"{key}_ci"].items():
+            assert low <= result[key][n] <= high and high - low > 0
     assert "groups" not in result["info"] and "group_scores" not in result["info"]  # kept in the cached scores
     assert (tmp_path / "run" / "group_auc.png").stat().st_size > 0
     report = (tmp_path / "run" / "report.md").read_text()
-    assert "group_auc.png" in report and "mean of per-record scores" in report
+    assert "group_auc.png" in report and "mean of per-record scores" in report and "groups (members / non-members)" in report
     # the attack gets groups, not labels: member and non-member groups come shuffled together
     attack = pipeline.attacks()["co_membership"]
     context = pipeline.context_for(attack)
