@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import mia_gen
 from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, build_attack
-from mia_gen.datasets import load_dataset, require_captions
+from mia_gen.datasets import load_dataset, load_table_like, require_captions
 from mia_gen.device import resolve_device
 from mia_gen.errors import CorruptStoreError, MiaGenError, MissingAssetError
 from mia_gen.groups import draw_groups
@@ -142,6 +142,8 @@ class Pipeline:
         with real records). An array of another shape is refused with the shape it needs; an image
         folder's images are converted to the data's channels and size (`load_dataset` logs the conversion)."""
         need = self.records.record_shape
+        if self.records.encoding is not None:
+            return load_table_like(self.records, str(self.synthetic_path), f"synthetic.path={self.synthetic_path}")
         if self.synthetic_path.is_dir():
             spec = {"name": "image_folder", "root": str(self.synthetic_path), "captions": False}
             if self.records.kind == "image":
@@ -446,7 +448,9 @@ class Pipeline:
 
     @property
     def config_hash(self) -> str:
-        return config_hash({"train": self.train_key, "sample": self.sample_key,
+        # a synthetic dataset is its own sample key: no model config (which may not even resolve for its data) counts
+        trained = None if self.synthetic_path is not None else self.train_key
+        return config_hash({"train": trained, "sample": self.sample_key,
                             "attacks": self.cfg.attack, "evaluation": self.cfg.evaluation})
 
     # ---- train --------------------------------------------------------------------------
@@ -863,7 +867,7 @@ class Pipeline:
         """The run's metadata; `scored` (`attack()`'s entries) gives per attack the score file its scores were
         read from, and the code (`versions`) and device that computed them: a reused score stays traceable."""
         meta = {
-            "config_hash": self.config_hash, "train_key": self.train_key,
+            "config_hash": self.config_hash, "train_key": None if self.synthetic_path is not None else self.train_key,
             "sample_key": self.sample_key, "split_key": self.split_key,
             "data": self.records.info(),
             "model": {"synthetic": str(self.synthetic_path),

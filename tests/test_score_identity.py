@@ -45,7 +45,7 @@ ALLOWED_BY_ATTACK = {
     "lira.params": [None, {"n_draws": 2}], "rmia.params": [None, {"n_draws": 2}],
     "lira.queries": [None, [{"timesteps": [50]}, {"timesteps": [200]}]],
     "lira.attack": ["diffusion_loss", "pia"], "rmia.attack": ["diffusion_loss", "pia"],
-    "clid.alpha": ["labelled_subset", 0.5],
+    "clid.alpha": ["labelled_subset", 0.5], "domias.n_components": ["auto", 5],
     "lira.transform": [None, "log"], "rmia.temperature": ["auto", 2.0],
 }
 # Settings a perturbed setting needs beside it to be valid, on both sides of the comparison.
