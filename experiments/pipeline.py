@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import mia_gen
 from mia_gen.attacks.base import Access, Attack, AttackContext, AttackOutput, build_attack
-from mia_gen.datasets import load_dataset, load_table_like, require_captions
+from mia_gen.datasets import csv_header, load_dataset, load_table_like, match_csv_columns, require_captions
 from mia_gen.device import resolve_device
 from mia_gen.errors import CorruptStoreError, MiaGenError, MissingAssetError
 from mia_gen.groups import draw_groups
@@ -158,6 +158,10 @@ class Pipeline:
             for data_key, synthetic_key in SYNTHETIC_KEYS.items():
                 message = message.replace(data_key, synthetic_key)
             raise type(error)(f"the synthetic dataset (synthetic.path={self.synthetic_path}): {message}") from error
+        real_columns = csv_header(str(Path(str(self.cfg.data.get("path") or "")).expanduser()))
+        columns = csv_header(str(self.synthetic_path))
+        if real_columns is not None and columns is not None:  # two numeric tables: columns matched by name
+            synthetic = match_csv_columns(synthetic, real_columns, columns, f"synthetic.path={self.synthetic_path}")
         if synthetic.kind != self.records.kind or synthetic.record_shape != need:
             raise MiaGenError(
                 f"synthetic.path={self.synthetic_path} holds {synthetic.kind} records of shape "

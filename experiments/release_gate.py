@@ -176,7 +176,7 @@ def _row_lines(item: dict) -> list[str]:
     lines = ["", f"{item['attack']}:", "", "| record | score | row | " + " | ".join(columns) + " |",
              "|---|---|---|" + "---|" * len(columns)]
     for record in records:
-        lines.append(f"| {record['record_id']} | {record['score']:.3g} | real | "
+        lines.append(f"| {record['record_id']} | {record['score'] + 0.0:.3g} | real | "  # + 0.0: no "-0"
                      + " | ".join(_cell(record["row"][c]) for c in columns) + " |")
         closest = record.get("closest_synthetic_row")
         if closest:

@@ -684,6 +684,29 @@ def load_table_like(records: RecordSet, path: str, what: str) -> RecordSet:
                      encoding=records.encoding)
 
 
+def csv_header(path: str) -> list[str] | None:
+    """The column names of a numeric `.csv` (its first row), or None for another file type."""
+    if os.path.splitext(str(path))[1].lower() != ".csv" or not os.path.isfile(path):
+        return None
+    with open(path, newline="") as handle:
+        return next((row for row in csv.reader(handle) if row), None)
+
+
+def match_csv_columns(records: RecordSet, real_columns: list[str], columns: list[str], what: str) -> RecordSet:
+    """`records` read from a CSV with header `columns`, its columns put in the order of `real_columns` (matched
+    by name). A column missing, extra or repeated on either side is refused: a numeric table compared column by
+    column with another must mean the same thing in each column."""
+    if sorted(columns) != sorted(real_columns) or len(set(columns)) != len(columns):
+        missing = [c for c in real_columns if c not in columns]
+        extra = [c for c in columns if c not in real_columns]
+        raise MiaGenError(f"{what}: its columns do not match the real table's, which are matched by name: missing "
+                          f"{missing}, not in the real table {extra}. Give it exactly the columns {real_columns}.")
+    if columns == real_columns:
+        return records
+    order = torch.as_tensor([columns.index(c) for c in real_columns])
+    return RecordSet.from_tensor(records.name, records.kind, records.data[:, order])
+
+
 def _read_csv(path: str) -> np.ndarray:
     """A CSV file with one header row of column names and numeric rows, as float64 `(N, D)`."""
     needs = "a CSV needs one header row of column names, then one row of numbers per record"

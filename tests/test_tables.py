@@ -228,3 +228,28 @@ def test_domias_auto_keeps_the_directions_a_tables_reference_rows_span():
     assert auto.info["n_components"] == 5
     with pytest.raises(MiaGenError, match="singular"):
         build_attack("domias", {"n_components": 7})(context)
+
+
+def test_numeric_csvs_are_matched_by_column_name_too(tmp_path):
+    """data=array with a .csv: a release with its columns permuted is compared column by column as named (its
+    leak is found), and one with a renamed column is refused before anything runs."""
+    from test_pipeline import make_config
+
+    from mia_gen.experiments.pipeline import Pipeline
+
+    rng = np.random.default_rng(4)
+    real = pd.DataFrame(rng.normal(size=(600, 4)) * [1, 10, 100, 1000], columns=["a", "b", "c", "d"])
+    real.to_csv(tmp_path / "real.csv", index=False)
+    overrides = ["logger=none", "progress=false", "device=cpu", "data=array", f"data.path={tmp_path / 'real.csv'}",
+                 "data.value_range=null", "split.n_members=100", "split.n_non_members=100", "split.n_reference=300",
+                 "evaluation.n_bootstrap=50", "attack=[sample_distance]"]
+    members = Pipeline(make_config(overrides, tmp_path / "cache"), tmp_path / "probe").split.members
+    leaky = real.iloc[members] + rng.normal(0, 0.01, (len(members), 4))
+    leaky[["d", "c", "b", "a"]].to_csv(tmp_path / "permuted.csv", index=False)
+    cfg = make_config(overrides + [f"synthetic.path={tmp_path / 'permuted.csv'}"], tmp_path / "cache")
+    (result,) = Pipeline(cfg, tmp_path / "run").run()
+    assert result["auc"] > 0.95
+    leaky.rename(columns={"a": "alpha"}).to_csv(tmp_path / "renamed.csv", index=False)
+    cfg = make_config(overrides + [f"synthetic.path={tmp_path / 'renamed.csv'}"], tmp_path / "cache")
+    with pytest.raises(MiaGenError, match=r"missing \['a'\], not in the real table \['alpha'\]"):
+        Pipeline(cfg, tmp_path / "run2").run()
