@@ -35,6 +35,7 @@ from mia_gen.zoo import ZooMembership, draw_zoo
 from mia_gen.experiments.common import CONFIG_DIR
 from mia_gen.models.checkpoint import STATE_JSON, verify_recorded_files
 from mia_gen.models.defense import Defense, effective_training
+from mia_gen.models.tabular import SYNTHETIC_CSV, write_table_csv
 from mia_gen.models.factory import (finetune_method, is_latent_text, load_diffusion_denoiser, load_discriminator,
                                     load_generator, train_base_model, train_model)
 
@@ -324,6 +325,8 @@ class Pipeline:
         members = self.records.get(self.training_ids)
         model, defense = self.trained_as
         text = {}
+        if self.cfg.model.get("family") == "tabular":
+            text = self.members_table()
         if is_latent_text(self.cfg.model):
             require_captions(self.records, f"model={self.cfg.model.name}")
             text = {"captions": self.records.captions(self.training_ids), "base_dir": self.train_base()}
@@ -492,7 +495,18 @@ class Pipeline:
 
     @cached_property
     def generator(self) -> torch.nn.Module:
-        return load_generator(self.cfg.model, self.trained_model_dir, self.device)
+        return load_generator(self.cfg.model, self.trained_model_dir, self.device, **self.members_table(encoding=True))
+
+    def members_table(self, encoding: bool = False) -> dict:
+        """A tabular model's training rows (and the real table's encoding): what it trains and is rebuilt on."""
+        if self.cfg.model.get("family") != "tabular":
+            return {}
+        if self.records.table is None:
+            raise MiaGenError(f"model={self.cfg.model.name} trains on a table: use data=table (data.path=<file.csv>).")
+        rows = self.records.table.iloc[self.training_ids].reset_index(drop=True)
+        if encoding:
+            return {"table": rows, "encoding": self.records.encoding}
+        return {"table": rows, "schema": self.records.encoding.schema}
 
     @cached_property
     def denoiser(self) -> torch.nn.Module:
@@ -533,6 +547,8 @@ class Pipeline:
                 progress=self.progress,
             )
         generator = self.generator
+        if self.cfg.model.get("family") == "tabular":
+            return self._write_table_samples(generator)
         batch_size = int(sampling.batch_size)
         captions = self._captions_per_sample(generator)  # None: unconditional samples
 
@@ -560,6 +576,35 @@ class Pipeline:
                       "model": self.cfg.model.name, "sampling": recorded},
             progress=self.progress, captions=captions,
         )
+
+    def _write_table_samples(self, sampler) -> SampleStore:
+        """A tabular model's samples: each shard's rows drawn from its shard seed, encoded with the real table's
+        encoding into the store; then `synthetic.csv` beside the shards, the same rows as the table they were
+        (drawn again from the same seeds), which the gate prints beside the exposed records."""
+        sampling = self.cfg.sampling
+        n_samples, shard_size = int(sampling.n_samples), int(sampling.shard_size)
+        log.info("sample: %d rows -> %s", n_samples, self.sample_dir)
+        store = write_samples(
+            self.sample_dir, lambda n, rng: (sampler.encoded(n, rng), None), n_samples, shard_size=shard_size,
+            seed=int(self.cfg.seed), storage_dtype=self.storage_dtype,
+            metadata={"sample_key": self.sample_key, "train_key": self.train_key, "model": self.cfg.model.name,
+                      "sampling": OmegaConf.to_container(sampling)},
+            progress=self.progress,
+        )
+        write_table_csv(self.sample_dir / SYNTHETIC_CSV, sampler, n_samples, shard_size, int(self.cfg.seed))
+        return store
+
+    def synthetic_table(self):
+        """The synthetic rows as a table, row i = sample i: a synthetic file's, or a tabular model's
+        `synthetic.csv`; None for other records."""
+        if self.records.table is None:
+            return None
+        if self.synthetic_path is not None:
+            return self.synthetic_records.table
+        path = self.sample_dir / SYNTHETIC_CSV
+        if self.cfg.model.get("family") != "tabular" or not path.is_file():
+            return None
+        return load_table_like(self.records, str(path), f"the samples' table {path}").table
 
     def _captions_per_sample(self, generator: torch.nn.Module) -> list[str] | None:
         """The caption of each sample of a store drawn with `sampling.per_caption=n`: n consecutive samples for
@@ -891,7 +936,7 @@ class Pipeline:
             meta["defense"] = {"name": defense.name, "strength": defense.strength,
                                "config": {"name": "none"} if configured is None
                                else OmegaConf.to_container(configured, resolve=True)}
-            if self.cfg.model.get("training") and not self.cfg.model.get("checkpoint"):
+            if "steps" in (self.cfg.model.get("training") or {}) and not self.cfg.model.get("checkpoint"):
                 meta["training_steps"] = int(self.trained_as[0].training.steps)
         utility = self.utility()
         if utility is not None:

@@ -147,8 +147,9 @@ def most_exposed(scored: Mapping[str, Mapping], evaluated: Mapping[str, np.ndarr
 
 
 def with_closest_rows(exposed: list[dict], scored: Mapping[str, Mapping], real, synthetic) -> list[dict]:
-    """For a synthetic table: each exposed record's row (`real`, the real table as conformed) beside the closest
-    synthetic row an attack found for it (`synthetic`, row i = sample i), both as the user holds them. Attacks
+    """For a table: each exposed record's row (`real`, the real table as conformed) beside the closest synthetic
+    row an attack found for it (`synthetic`, row i = sample i: a synthetic file or a tabular model's samples),
+    both as the user holds them. Attacks
     that find no neighbours (e.g. DOMIAS) list the record's row alone."""
     for item in exposed:
         entry = scored[item["attack"]]
@@ -307,8 +308,9 @@ def run_audit(cfg: DictConfig, run_dir: Path, config_dir: str) -> dict:
         scored = pipeline.attack(require_cached=True)
         exposed = most_exposed(scored, {name: ids for name, (ids, _, _) in evaluated.items()}, signs,
                                pipeline.split.members, int(audit.top_records))
-        if pipeline.records.table is not None and pipeline.synthetic_path is not None:
-            exposed = with_closest_rows(exposed, scored, pipeline.records.table, pipeline.synthetic_records.table)
+        synthetic = pipeline.synthetic_table()
+        if synthetic is not None:
+            exposed = with_closest_rows(exposed, scored, pipeline.records.table, synthetic)
         write_audit(run_dir, decision, exposed)
         decided.update(decision)
 

@@ -3,7 +3,8 @@
 Families: `gan` (DCGAN, WGAN-GP: `mia_gen.models.gan_trainer`), `memorizer` (noisy copies of the
 training records; the leakage upper bound used in tests and sanity checks), `diffusion` (DDPM:
 `mia_gen.models.ddpm_trainer`; pretrained diffusers pipelines; served to white-box attacks as a
-`mia_gen.models.denoiser.Denoiser` and to the sample store as a `mia_gen.models.diffusion_sampling.DiffusionSampler`).
+`mia_gen.models.denoiser.Denoiser` and to the sample store as a `mia_gen.models.diffusion_sampling.DiffusionSampler`),
+`tabular` (CTGAN, TVAE through the ctgan library: `mia_gen.models.tabular`; trained on a table's rows).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from mia_gen.errors import MiaGenError, MissingAssetError
 
-FAMILIES = ("gan", "memorizer", "diffusion")
+FAMILIES = ("gan", "memorizer", "diffusion", "tabular")
 
 
 def _family(model_cfg: DictConfig) -> str:
@@ -52,12 +53,13 @@ def train_base_model(model_cfg: DictConfig, images: torch.Tensor, captions: list
 
 def train_model(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path, device: torch.device,
                 progress: bool = True, defense_cfg: DictConfig | None = None, captions: list[str] | None = None,
-                base_dir: Path | None = None) -> None:
+                base_dir: Path | None = None, table=None, schema=None) -> None:
     """Train (or resume, or find finished) the model of `model_cfg` on `members` into `out_dir`.
 
     members (`torch.Tensor` of shape `(N, C, H, W)`, in [-1, 1]). defense_cfg: `cfg.defense`
     (`mia_gen.models.defense`), applied by the trainer. A text-to-image model (`is_latent_text`) is
-    fine-tuned from the base at `base_dir` on the members and their `captions`.
+    fine-tuned from the base at `base_dir` on the members and their `captions`. A tabular model trains on the
+    members' rows `table` (a `DataFrame` conformed to `schema`, `mia_gen.tables`).
     """
     from mia_gen.models.defense import Defense, effective_training
 
@@ -73,6 +75,16 @@ def train_model(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path, dev
 
         out_dir.mkdir(parents=True, exist_ok=True)
         train_ldm_finetune(model_cfg, base_dir, members, captions, out_dir, device, progress=progress, defense=defense)
+        return
+    if family == "tabular":
+        if defense.name != "none":
+            raise MiaGenError(f"defense={defense.name} is not available for model={model_cfg.get('name')}: the ctgan "
+                              "library trains in its own loop, without DP-SGD or the other defenses; use defense=none.")
+        if table is None:
+            raise MiaGenError(f"model={model_cfg.get('name')} trains on a table: use data=table.")
+        from mia_gen.models.tabular import train_tabular
+
+        train_tabular(model_cfg, table, schema, out_dir, device)
         return
     if family == "memorizer" and defense.name != "none":
         raise MiaGenError(
@@ -146,9 +158,17 @@ def _train_federated(model_cfg: DictConfig, members: torch.Tensor, out_dir: Path
                     int(model_cfg.training.seed))
 
 
-def load_generator(model_cfg: DictConfig, model_dir: Path, device: torch.device) -> torch.nn.Module:
-    """The trained generator in eval mode on `device` (a diffusion model: its `DiffusionSampler`)."""
+def load_generator(model_cfg: DictConfig, model_dir: Path, device: torch.device, table=None, encoding=None):
+    """The trained generator in eval mode on `device` (a diffusion model: its `DiffusionSampler`; a tabular
+    model: its `mia_gen.models.tabular.TabularSampler`, rebuilt from the members' rows `table` and drawing
+    rows in the real table's `encoding`)."""
     family = _family(model_cfg)
+    if family == "tabular":
+        if table is None or encoding is None:
+            raise MiaGenError(f"model={model_cfg.get('name')} samples a table: use data=table.")
+        from mia_gen.models.tabular import load_tabular
+
+        return load_tabular(model_dir, table, encoding, device)
     if family == "diffusion":
         from mia_gen.models.diffusion_sampling import DiffusionSampler
 
