@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from mia_gen.auc_inference import delong_auc_variance, normal_interval
 from mia_gen.blind_baseline import blind_baseline
+from mia_gen.dcr import dcr_share
 from mia_gen.errors import MiaGenError
 from mia_gen.groups import group_labels, per_record_average
 from mia_gen.metrics import auc, calibrated_sign, evaluate_scores, group_auc, roc_points
@@ -239,6 +240,9 @@ def write_outputs(pipeline, scored: dict[str, dict], on_written=None) -> list[di
     blind = _blind_baseline(pipeline)
     payload = {"config_hash": pipeline.config_hash, "metadata": metadata, "attacks": results,
                "blind_baseline": blind}
+    share = _dcr_share(pipeline)
+    if share is not None:
+        payload["dcr_overfitting_protection"] = share
     tmp = run_dir / "results.json.tmp"
     tmp.write_text(json.dumps(payload, indent=2))
     os.replace(tmp, run_dir / "results.json")
@@ -270,7 +274,7 @@ def write_outputs(pipeline, scored: dict[str, dict], on_written=None) -> list[di
         plot_nearest_neighbours(queries, neighbours, run_dir / "nearest_neighbours.png",
                                 query_labels=labels[rows], distances=l2.numpy())
         images[f"Most exposed records and their nearest samples ({name})"] = "nearest_neighbours.png"
-    write_report(run_dir, results, metadata, images, blind_baseline=blind)
+    write_report(run_dir, results, metadata, images, blind_baseline=blind, dcr_share=share)
     if on_written is not None:
         on_written(results)
 
@@ -297,6 +301,19 @@ def _blind_baseline(pipeline) -> dict | None:
     if blind["shifted"]:
         log.warning(blind["message"])
     return blind
+
+
+def _dcr_share(pipeline) -> dict | None:
+    """For rows of a table (or numeric rows) whose synthetic rows this run read: SDMetrics' DCR share
+    (`mia_gen.dcr`) of the synthetic rows against the split's members and non-members; None otherwise."""
+    if pipeline.records.kind != "tabular":
+        return None
+    if pipeline.synthetic_path is None and not pipeline.given_store and not pipeline.sample_dir.is_dir():
+        return None  # no synthetic rows were drawn (e.g. white-box attacks only)
+    store = pipeline.sample()
+    split = pipeline.split
+    return dcr_share(store.get(np.arange(len(store))), pipeline.records.get(split.members),
+                     pipeline.records.get(split.non_members), seed=int(pipeline.cfg.seed))
 
 
 def _track(pipeline, results: list[dict], curves: dict, images: dict[str, str], metadata: dict,

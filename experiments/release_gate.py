@@ -29,6 +29,7 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from mia_gen.errors import MiaGenError
+from mia_gen.experiments.report import dcr_share_lines
 from mia_gen.experiments.verdict import at_fpr_key, check_settings, verdict
 from mia_gen.splits import membership_source
 
@@ -229,7 +230,7 @@ def _verdict_cell(row: dict) -> str:
     return "inconclusive" + (f" (to decide: {'; '.join(needs)})" if needs else "")
 
 
-def write_audit(run_dir: Path, decision: dict, exposed: list[dict]) -> None:
+def write_audit(run_dir: Path, decision: dict, exposed: list[dict], dcr_share: Mapping | None = None) -> None:
     """`audit.json` (the decision and the most exposed members) and `audit.md` (the same, readable)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "audit.json").write_text(json.dumps({**decision, "most_exposed": exposed}, indent=2))
@@ -257,6 +258,8 @@ def write_audit(run_dir: Path, decision: dict, exposed: list[dict]) -> None:
     notes = [f"- {row['attack']}: {note}" for row in decision["attacks"] for note in row["notes"]]
     if notes:
         lines += ["", "Notes:", "", *notes]
+    if dcr_share is not None:
+        lines += ["", *dcr_share_lines(dcr_share)]
     lines += ["", "## Most exposed members (highest scores)", ""]
     for item in exposed:
         ids = ", ".join(f"{r['record_id']} ({r['score']:.3g})" for r in item["records"])
@@ -311,7 +314,7 @@ def run_audit(cfg: DictConfig, run_dir: Path, config_dir: str) -> dict:
         synthetic = pipeline.synthetic_table()
         if synthetic is not None:
             exposed = with_closest_rows(exposed, scored, pipeline.records.table, synthetic)
-        write_audit(run_dir, decision, exposed)
+        write_audit(run_dir, decision, exposed, payload.get("dcr_overfitting_protection"))
         decided.update(decision)
 
     try:

@@ -523,8 +523,21 @@ def _blind_baseline_lines(blind: Mapping | None) -> list[str]:
     return ["## Blind baseline", "", f"{blind['message']} Method: {blind['method']}.", ""]
 
 
+def dcr_share_lines(share: Mapping | None) -> list[str]:
+    """The DCR share's section (`mia_gen.dcr`): SDMetrics' score beside the share it comes from."""
+    if share is None:
+        return []
+    lo, hi = share["closer_to_training_ci95"]
+    return ["## DCR share (SDMetrics' DCROverfittingProtection)", "",
+            f"{share['closer_to_training']:.3f} [{lo:.3f}, {hi:.3f}] of the {share['n_synthetic']} synthetic rows lie "
+            f"closer to the {share['n_training']} training rows than to {share['n_holdout']} holdout rows (0.5 = no "
+            f"sign of overfitting); score min(2 (1 - share), 1) = {share['score']:.3f}. Follows "
+            f"{share['reference']}, except: {share['differences']}. A summary of the whole release, not part of any "
+            "verdict.", ""]
+
+
 def write_report(out_dir, results: Sequence[Mapping], run_info: Mapping, images: Mapping[str, str],
-                 blind_baseline: Mapping | None = None) -> Path:
+                 blind_baseline: Mapping | None = None, dcr_share: Mapping | None = None) -> Path:
     """Write `report.md`: run header, the blind baseline, results table, warnings and figures.
 
     Args:
@@ -540,6 +553,8 @@ def write_report(out_dir, results: Sequence[Mapping], run_info: Mapping, images:
             a relative path is taken relative to `out_dir` (e.g. `"roc.png"`).
         blind_baseline: results.json's `blind_baseline` (`blind_baseline.blind_baseline` output), shown
             above the results (as a warning when `shifted`), or None.
+        dcr_share: results.json's `dcr_overfitting_protection` (`mia_gen.dcr.dcr_share`), shown below the
+            results, or None.
 
     Returns:
         The path of `report.md`.
@@ -555,6 +570,7 @@ def write_report(out_dir, results: Sequence[Mapping], run_info: Mapping, images:
               "the attack, or learnt on the labelled calibration subset (`labelled_subset`), whose records "
               "are then not evaluated. No AUC is read as max(AUC, 1 - AUC).", ""]
     lines += [format_results_table(results), ""]
+    lines += dcr_share_lines(dcr_share)
     unscored = unscored_lines(results)
     if unscored:
         lines += ["## Records not scored", "",

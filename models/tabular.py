@@ -17,6 +17,7 @@ synthetic CSV.
 from __future__ import annotations
 
 import json
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -75,6 +76,7 @@ def _settings(model_cfg: DictConfig) -> tuple[str, dict, int, int]:
 
 def _build(synthesizer: str, params: dict, epochs: int, device: torch.device):
     ctgan = require("ctgan", f"model={synthesizer}")
+    logging.getLogger("rdt").setLevel(logging.WARNING)  # its per-column INFO "guidance" would flood the run log
     cls = ctgan.CTGAN if synthesizer == "ctgan" else ctgan.TVAE
     try:
         if synthesizer == "ctgan":

@@ -199,9 +199,13 @@ def test_the_gate_fails_a_synthetic_csv_of_near_copies_and_passes_one_from_other
         assert copy["income"] == pytest.approx(row["income"], rel=0.05)
     text = (tmp_path / "leaky" / "audit.md").read_text()
     assert "closest synthetic (row" in text and "| record | score | row | income | age | region | smoker |" in text
+    share = json.loads((tmp_path / "leaky" / "results.json").read_text())["dcr_overfitting_protection"]
+    assert share["closer_to_training"] > 0.9 and share["score"] < 0.2 and "DCR share" in text
     code, err = audit([*known, f"synthetic.path={tmp_path / 'clean.csv'}"], tmp_path, monkeypatch, capsys, run="clean")
     report = json.loads((tmp_path / "clean" / "audit.json").read_text())
     assert code == 0 and report["outcome"] == "PASS", err
+    share = json.loads((tmp_path / "clean" / "results.json").read_text())["dcr_overfitting_protection"]
+    assert share["closer_to_training_ci95"][0] < 0.5 < share["closer_to_training_ci95"][1]
     frame = pd.read_csv(tmp_path / "clean.csv").rename(columns={"income": "salary"})
     frame.to_csv(tmp_path / "renamed.csv", index=False)
     code, err = audit([*known, f"synthetic.path={tmp_path / 'renamed.csv'}"], tmp_path, monkeypatch, capsys, run="bad")
