@@ -35,6 +35,7 @@ from mia_gen.zoo import ZooMembership, draw_zoo
 from mia_gen.experiments.common import CONFIG_DIR
 from mia_gen.models.checkpoint import STATE_JSON, verify_recorded_files
 from mia_gen.models.defense import Defense, effective_training
+from mia_gen.models.pytorch_ddpm import model_files as pytorch_ddpm_files
 from mia_gen.models.tabular import SYNTHETIC_CSV, write_table_csv
 from mia_gen.models.factory import (finetune_method, is_latent_text, load_diffusion_denoiser, load_discriminator,
                                     load_generator, train_base_model, train_model)
@@ -202,6 +203,8 @@ class Pipeline:
                 return config_hash({"hub_id": self.model_dir, "model": loading})
             # Every file the model may read, in subfolders too (diffusers: unet/, scheduler/, tokenizer/merges.txt).
             files = model_files(self.model_dir)
+            if self.cfg.model.get("format") == "pytorch_ddpm":  # a ckpt.pt (or its logdir) and its flagfile
+                files = pytorch_ddpm_files(self.model_dir)
             if not files:
                 load_generator(self.cfg.model, self.model_dir, self.device)  # raises with the fix
             return config_hash({"checkpoint": files_fingerprint(files), "model": loading})

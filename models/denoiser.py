@@ -585,7 +585,8 @@ def _resolve_path(path: str | os.PathLike) -> Path:
 def load_denoiser(model_cfg: Any, model_dir_or_id: str | os.PathLike | None, device: str | torch.device = "cpu") -> Denoiser:
     """The `Denoiser` of a trained or pretrained diffusion model, in eval() mode on `device`.
 
-    model_cfg keys (see configs/model/diffusers.yaml): `prediction_type` (null = from the checkpoint),
+    model_cfg keys (see configs/model/diffusers.yaml): `format` (`pytorch_ddpm`: a ckpt.pt of
+    w86763777/pytorch-ddpm, `mia_gen.models.pytorch_ddpm`, with `flags`), `prediction_type` (null = from the checkpoint),
     `use_ema` (prefer `unet_ema/` when present), `allow_download` (hub ids; off by default),
     `betas` (noise schedule for a bare UNet directory or an own network), `network` (`_target_` +
     kwargs of an own epsilon network), `weights` (its safetensors state dict), `guidance_scale`
@@ -602,6 +603,11 @@ def load_denoiser(model_cfg: Any, model_dir_or_id: str | os.PathLike | None, dev
     cfg = _plain(model_cfg)
     prediction_type = cfg.get("prediction_type")
     device = torch.device(device)
+    if cfg.get("format") == "pytorch_ddpm":  # SecMI's / PIA's released checkpoints (models/pytorch_ddpm.py)
+        from mia_gen.models.pytorch_ddpm import load_pytorch_ddpm_denoiser
+
+        denoiser = load_pytorch_ddpm_denoiser(cfg, model_dir_or_id)
+        return denoiser.to(device=device, dtype=resolve_dtype(cfg.get("dtype"), device, torch.float32)).eval()
     if cfg.get("network"):
         denoiser = _load_own_network(cfg, model_dir_or_id, prediction_type)
         dtype = resolve_dtype(cfg.get("dtype"), device, torch.float32)
