@@ -66,6 +66,7 @@ def _pipeline(tmp_path, labels, sign="declared", labelled=None):
         "alphas": [0.1, 0.01, 0.001], "n_bootstrap": 50, "n_neighbour_rows": 8, "sign": sign,
         "blind_baseline": False}})
     return SimpleNamespace(cfg=cfg, run_dir=tmp_path / "run", split=SimpleNamespace(members=IDS[labels == 1]),
+                           records=SimpleNamespace(kind="image"),  # white-box records: no DCR share
                            config_hash="0123abcd", labelled_subset=lambda: labelled,
                            metadata=lambda scored: {"config_hash": "0123abcd"})
 
