@@ -4,8 +4,9 @@ A member sits where the generator put more mass than the data distribution does:
 score = log p_G(x) - log p_R(x), with p_G a Gaussian KDE of generated samples and p_R a Gaussian
 KDE of reference records, both on PCA features fitted on the reference records (images, and the encoded
 rows of a table: `n_components=auto` keeps 10 directions, or fewer where the reference records span fewer,
-so that a table's one-hot groups, which each sum to a constant, never make a KDE singular) or on the raw
-columns (`features=pixels`). The log ratio ranks exactly like the paper's ratio.
+so that a table's one-hot groups, which each sum to a constant, do not make the reference KDE singular; a
+generator that never draws some category can still leave its own KDE singular, which is refused unless
+`kde_regularization` > 0) or on the raw columns (`features=pixels`). The log ratio ranks exactly like the paper's ratio.
 """
 
 from __future__ import annotations

@@ -169,7 +169,8 @@ def _most_exposed(labels: np.ndarray, scores: np.ndarray, n_rows: int) -> np.nda
 
 def _group_aucs(entry: dict, labels: np.ndarray, scores: np.ndarray) -> dict[str, dict]:
     """Co-membership, per group size n: the AUC of the attack's joint group scores (`group_auc`) with its 95%
-    DeLong interval (`group_auc_ci`, None with fewer than 2 groups of a class), the AUC of the mean of each
+    DeLong interval (`group_auc_ci`, None with fewer than 2 groups of a class or at AUC 0 or 1, where DeLong's
+    variance vanishes), the AUC of the mean of each
     group's per-record scores on the same groups (`group_auc_per_record_average`, with
     `group_auc_per_record_average_ci`), and the groups behind them (`n_groups`: [member groups, non-member
     groups]). The groups of one size are disjoint (`mia_gen.groups.draw_groups`), so the interval may treat
@@ -192,7 +193,8 @@ def _group_aucs(entry: dict, labels: np.ndarray, scores: np.ndarray) -> dict[str
             out[f"{key}_ci"][n] = None
             if min(out["n_groups"][n]) >= 2:
                 estimate, variance = delong_auc_variance(member, values)
-                out[f"{key}_ci"][n] = normal_interval(estimate, variance, 0.95)
+                if variance > 0:  # at AUC 0 or 1 DeLong's variance is 0: no interval rather than a point "interval"
+                    out[f"{key}_ci"][n] = normal_interval(estimate, variance, 0.95)
     return out
 
 

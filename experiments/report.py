@@ -527,13 +527,12 @@ def dcr_share_lines(share: Mapping | None) -> list[str]:
     """The DCR share's section (`mia_gen.dcr`): SDMetrics' score beside the share it comes from."""
     if share is None:
         return []
-    lo, hi = share["closer_to_training_ci95"]
     return ["## DCR share (SDMetrics' DCROverfittingProtection)", "",
-            f"{share['closer_to_training']:.3f} [{lo:.3f}, {hi:.3f}] of the {share['n_synthetic']} synthetic rows lie "
+            f"{share['closer_to_training']:.3f} of the {share['n_synthetic']} synthetic rows lie "
             f"closer to the {share['n_training']} training rows than to {share['n_holdout']} holdout rows (0.5 = no "
             f"sign of overfitting); score min(2 (1 - share), 1) = {share['score']:.3f}. Follows "
-            f"{share['reference']}, except: {share['differences']}. A summary of the whole release, not part of any "
-            "verdict.", ""]
+            f"{share['reference']}, except: {share['differences']}. It moves with which real rows are compared (no "
+            "interval is given: compare it across seeds); a summary of the whole release, not part of any verdict.", ""]
 
 
 def write_report(out_dir, results: Sequence[Mapping], run_info: Mapping, images: Mapping[str, str],

@@ -89,6 +89,7 @@ def collect(sweep_dir: str | Path) -> list[dict[str, Any]]:
                 "n_members": entry.get("n_members"), "n_non_members": entry.get("n_non_members"),
                 "sign": entry.get("sign"), "sign_source": entry.get("sign_source", ""), "seed": meta.get("seed"),
                 "blind_auc": blind.get("auc"), "blind_shifted": bool(blind.get("shifted")),
+                "dcr_share": (payload.get("dcr_overfitting_protection") or {}).get("closer_to_training"),
             })
     if not rows:
         raise MiaGenError(f"no results.json under {sweep_dir}; run the sweep (`mia-gen -m ...`) first.")
@@ -142,7 +143,7 @@ def _jobs(rows: list[dict]) -> list[dict]:
         job = jobs.setdefault(row["job"], {**{k: row[k] for k in ("job", "overrides", "model", "defense", "strength",
                                                                     "epsilon", "utility", "utility_metric",
                                                                     "training_steps", "seed", "blind_auc",
-                                                                    "blind_shifted")}, "attacks": {}})
+                                                                    "blind_shifted", "dcr_share")}, "attacks": {}})
         job["attacks"][row["attack"]] = row
     order = {name: i for i, name in enumerate(DEFENSE_ORDER)}
 
@@ -159,7 +160,7 @@ def _settings(rows: list[dict]) -> list[dict]:
     that does not override `seed` is a setting of its own), with the mean and sd over those jobs.
 
     Each entry: `jobs`, `overrides` (without `seed`), `seeds`, `n_seeds`, `model`, `defense`, `strength`,
-    `training_steps`, `utility_metric`, `(mean, sd)` pairs for `utility`, `epsilon` and `blind_auc`,
+    `training_steps`, `utility_metric`, `(mean, sd)` pairs for `utility`, `epsilon`, `blind_auc` and `dcr_share`,
     `blind_shifted` (True if any job's split is shifted), `attacks` = `{attack: {metric: (mean, sd),
     "ci95": the single seed's AUC interval or None, "group_auc" / "group_auc_per_record_average":
     {n: mean}}}` for the metrics of ATTACK_METRICS, and `max_auc`: the largest of the attacks' mean
@@ -177,7 +178,7 @@ def _settings(rows: list[dict]) -> list[dict]:
         setting = {**{k: first[k] for k in ("model", "defense", "strength", "training_steps", "utility_metric")},
                    "jobs": [job["job"] for job in jobs], "seeds": [job["seed"] for job in jobs], "n_seeds": len(jobs),
                    "overrides": {k: v for k, v in first["overrides"].items() if k != REPLICATE_KEY},
-                   **{k: _mean_sd(job[k] for job in jobs) for k in ("utility", "epsilon", "blind_auc")},
+                   **{k: _mean_sd(job[k] for job in jobs) for k in ("utility", "epsilon", "blind_auc", "dcr_share")},
                    "blind_shifted": any(job["blind_shifted"] for job in jobs), "attacks": {}}
         for attack in attacks:
             measured = [job["attacks"][attack] for job in jobs if attack in job["attacks"]]
@@ -203,7 +204,7 @@ def benchmark_table(rows: list[dict]) -> tuple[list[str], list[list]]:
     varying = varying_keys(rows, replicates=False)
     columns = ["job", *varying, "model", "defense", "strength", "n_seeds", "seeds", "epsilon", "epsilon_sd",
                "utility_metric", "utility", "utility_sd", "training_steps", "blind_auc", "blind_auc_sd",
-               "blind_shifted", "max_auc"]
+               "blind_shifted", "dcr_share", "dcr_share_sd", "max_auc"]
     for attack in attacks:
         columns += [f"{attack}/{name}{suffix}" for name, _, _ in ATTACK_METRICS for suffix in ("", "_sd")]
     table = []
@@ -212,7 +213,7 @@ def benchmark_table(rows: list[dict]) -> tuple[list[str], list[list]]:
                 setting["defense"], setting["strength"], setting["n_seeds"],
                 ",".join(str(seed) for seed in setting["seeds"]), *setting["epsilon"], setting["utility_metric"],
                 *setting["utility"], setting["training_steps"], *setting["blind_auc"], setting["blind_shifted"],
-                setting["max_auc"]]
+                *setting["dcr_share"], setting["max_auc"]]
         for attack in attacks:
             stats = setting["attacks"].get(attack)
             line += [None] * 2 * len(ATTACK_METRICS) if stats is None else [
@@ -232,14 +233,19 @@ def _benchmark_markdown(rows: list[dict]) -> list[str]:
     metrics = sorted({row["utility_metric"] for row in rows if row["utility_metric"]})
     settings = _settings(rows)
     with_blind = any(row["blind_auc"] is not None for row in rows)
+    with_share = any(row["dcr_share"] is not None for row in rows)
     head = ["model", "defense", "strength", *varying, "seeds", "ε", *(["utility ↓"] if with_utility else []),
-            "max AUC (signed)", *(["blind AUC"] if with_blind else []), *attacks]
+            "max AUC (signed)", *(["blind AUC"] if with_blind else []), *(["DCR share"] if with_share else []),
+            *attacks]
     lines = ["# Benchmark: every attack's AUC / TPR@1% / TPR@0.1% per setting", "",
              "AUCs as each run wrote them: signed (the sign declared by the attack or learnt on the labelled "
              "calibration subset), never max(AUC, 1 − AUC); `max AUC (signed)` is the largest of them. "
              "`a ± b`: mean ± sample sd over the seeds (target models) of the `seeds` column; a single seed is "
              "one target model and carries no spread. `blind AUC`: members told from non-members without the "
-             "model (0.5 = same distribution).", ""]
+             "model (0.5 = same distribution)."
+             + (" `DCR share`: the share of synthetic rows closer to the members than to as many non-members "
+                "(SDMetrics' DCROverfittingProtection, mia_gen/dcr.py; 0.5 = no sign of overfitting)." if with_share
+                else ""), ""]
     shifted = [",".join(setting["jobs"]) for setting in settings if setting["blind_shifted"]]
     if shifted:
         lines += [f"**WARNING: distribution-shifted split in job(s) {'; '.join(shifted)}: the blind baseline tells "
@@ -258,6 +264,8 @@ def _benchmark_markdown(rows: list[dict]) -> list[str]:
         cells.append(f"{setting['max_auc']:.3f}")
         if with_blind:
             cells.append(_stat(setting["blind_auc"]) + (" (shifted)" if setting["blind_shifted"] else ""))
+        if with_share:
+            cells.append(_stat(setting["dcr_share"]))
         for attack in attacks:
             stats = setting["attacks"].get(attack)
             cells.append("–" if stats is None else " / ".join(_stat(stats[name], digits)
@@ -388,7 +396,7 @@ def summarize(sweep_dir: str | Path, x: str | None = None, logger_cfg: Any = "au
         writer.writerow([*keys, "model", "defense", "strength", "epsilon", "utility_metric", "utility",
                          "training_steps", "attack", "auc", "ci95_low", "ci95_high", "tpr_at_fpr", "group_auc",
                          "group_auc_per_record_average",
-                         "sign", "sign_source", "seed", "blind_auc", "job"])
+                         "sign", "sign_source", "seed", "blind_auc", "dcr_share", "job"])
         for job in _jobs(rows):
             for attack, row in job["attacks"].items():
                 ci = row["ci95"] or [math.nan, math.nan]
@@ -401,7 +409,7 @@ def summarize(sweep_dir: str | Path, x: str | None = None, logger_cfg: Any = "au
                                  json.dumps(row["group_auc_per_record_average"])
                                  if row.get("group_auc_per_record_average") else "",
                                  *("" if row[k] is None else row[k] for k in ("sign", "sign_source", "seed",
-                                                                              "blind_auc")), row["job"]])
+                                                                              "blind_auc", "dcr_share")), row["job"]])
     columns, table = benchmark_table(rows)
     with open(paths["benchmark"], "w", newline="") as handle:
         writer = csv.writer(handle)

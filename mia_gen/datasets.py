@@ -661,7 +661,7 @@ def _load_table(options: dict[str, Any]) -> RecordSet:
     encoding = tables.TableEncoding.fit(table, schema)
     data = torch.from_numpy(encoding.transform(table, source))
     name = "table" if rdataset is None else f"table:{rdataset}"
-    return RecordSet(name=name, kind=TABULAR, data=data, fingerprint=tables.table_fingerprint(table, schema),
+    return RecordSet(name=name, kind=TABULAR, data=data, fingerprint=tables.encoded_fingerprint(table, encoding),
                      table=table, encoding=encoding)
 
 
@@ -680,7 +680,7 @@ def load_table_like(records: RecordSet, path: str, what: str) -> RecordSet:
     table = tables.conform(frame, records.encoding.schema, what)
     data = torch.from_numpy(records.encoding.transform(table, what))
     return RecordSet(name="synthetic table", kind=TABULAR, data=data,
-                     fingerprint=tables.table_fingerprint(table, records.encoding.schema), table=table,
+                     fingerprint=tables.encoded_fingerprint(table, records.encoding), table=table,
                      encoding=records.encoding)
 
 
@@ -696,7 +696,10 @@ def match_csv_columns(records: RecordSet, real_columns: list[str], columns: list
     """`records` read from a CSV with header `columns`, its columns put in the order of `real_columns` (matched
     by name). A column missing, extra or repeated on either side is refused: a numeric table compared column by
     column with another must mean the same thing in each column."""
-    if sorted(columns) != sorted(real_columns) or len(set(columns)) != len(columns):
+    repeated = sorted({c for c in columns if columns.count(c) > 1})
+    if repeated:
+        raise MiaGenError(f"{what}: column names repeat ({repeated}); each column needs its own name.")
+    if sorted(columns) != sorted(real_columns):
         missing = [c for c in real_columns if c not in columns]
         extra = [c for c in columns if c not in real_columns]
         raise MiaGenError(f"{what}: its columns do not match the real table's, which are matched by name: missing "

@@ -5,7 +5,9 @@ Column types:
 - `numeric` (float) and `integer`: quantile-normalised. A value maps to the standard-normal quantile of its
   mid-rank in the fitting column, Phi^-1((#{x < v} + #{x = v} / 2) / N), interpolated linearly between the
   (at most `MAX_QUANTILES`) stored points and held at the ends outside them. Skewed columns (wages) and
-  integer columns with ties get one scale. A column with missing values in the fitting table also gets a
+  integer columns with ties get one scale. A value beyond the fitting column's range gets the score of its
+  end (a synthetic wage above every real one sits at the real maximum: DCR reads it as close to the most
+  extreme real record on that column). A column with missing values in the fitting table also gets a
   `<name>=<missing>` indicator, 1 where the value is missing (which then takes the normalised value 0, the
   median).
 - `categorical` and `boolean`: one-hot over the fitting table's categories (a missing value is the
@@ -28,6 +30,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +47,7 @@ MISSING = "<missing>"
 MAX_QUANTILES = 1000  # stored points of a numeric column's normalisation
 ONE_HOT_SCALE = 1.0 / math.sqrt(2.0)  # a differing category adds 1 to the squared distance
 _TRUE, _FALSE = {"true", "1", "yes", "y", "t"}, {"false", "0", "no", "n", "f"}
+_INTEGER = re.compile(r"[+-]?\d+")
 
 
 def pandas():
@@ -58,8 +62,8 @@ def read_table(path: str, what: str = "data.path"):
         raise MissingAssetError(f"{what}={path!r} does not exist; give a .csv or .parquet table.")
     extension = os.path.splitext(path)[1].lower()
     if extension == ".csv":
-        try:
-            frame = pd.read_csv(path, keep_default_na=True)
+        try:  # every cell as its text ("01" stays "01", "NA" is a category); only an empty cell is missing
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
         except pd.errors.EmptyDataError as error:
             raise MiaGenError(f"{what}={path!r} is empty; a table needs a header row of column names and one "
                               "row per record.") from error
@@ -101,9 +105,31 @@ class Column:
     type: str
 
 
+def _text_kind(values) -> str:
+    """The type of a column read as text (a CSV): integer if every non-missing cell is a whole number written
+    as one, numeric if every one parses as a finite number, boolean if every one is true / false, else
+    categorical."""
+    cells = [str(v).strip() for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if cells and all(_INTEGER.fullmatch(c) for c in cells):
+        return "integer"
+    if cells and all(_is_finite_number(c) for c in cells):
+        return "numeric"
+    if cells and all(c.lower() in ("true", "false") for c in cells):
+        return "boolean"
+    return "categorical"
+
+
+def _is_finite_number(text: str) -> bool:
+    try:
+        return math.isfinite(float(text))
+    except ValueError:
+        return False
+
+
 def infer_schema(frame, overrides: Mapping[str, Any] | None = None) -> list[Column]:
     """One `Column` per column of `frame`, in its order: bool dtype -> boolean, integer dtype -> integer, float
-    -> numeric, anything else -> categorical; `overrides` `{name: {"type": ...}}` (`data.columns`) win.
+    -> numeric, text (a CSV's cells) by what every cell is (`_text_kind`), anything else -> categorical;
+    `overrides` `{name: {"type": ...}}` (`data.columns`) win.
 
     Raises:
         MiaGenError: an override names a column the table lacks, or a type that is not one of COLUMN_TYPES.
@@ -130,7 +156,7 @@ def infer_schema(frame, overrides: Mapping[str, Any] | None = None) -> list[Colu
             elif pd.api.types.is_float_dtype(dtype):
                 kind = "numeric"
             else:
-                kind = "categorical"
+                kind = _text_kind(frame[column].tolist())
         if kind not in COLUMN_TYPES:
             raise MiaGenError(f"data.columns.{name}.type={kind!r} is not a column type; use one of {COLUMN_TYPES}.")
         schema.append(Column(name, kind))
@@ -164,28 +190,32 @@ def conform(frame, schema: list[Column], source: str):
         values = frame[column.name]
         missing_mask = values.isna().to_numpy()
         if column.type in NUMERIC_TYPES:
-            parsed = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+            parsed = pd.to_numeric(values.where(~missing_mask, None), errors="coerce").to_numpy(dtype=np.float64)
             bad = np.flatnonzero(~missing_mask & ~np.isfinite(parsed))
+            fix = (f"fix the values, or, if the column holds codes, set data.columns.{column.name}.type=categorical "
+                   "(for the real table)")
             if bad.size == 0 and column.type == "integer":
                 bad = np.flatnonzero(~missing_mask & (parsed != np.round(parsed)))
+                fix = (f"fix the values, or, if the column holds fractions, set data.columns.{column.name}.type=numeric "
+                       "(for the real table)")
             if bad.size:
                 raise MiaGenError(
                     f"{source}: column '{column.name}' is {column.type} but row {int(bad[0])} holds "
-                    f"{values.iloc[bad[0]]!r} ({bad.size} such rows); fix the values or set "
-                    f"data.columns.{column.name}.type=categorical."
+                    f"{values.iloc[bad[0]]!r} ({bad.size} such rows); {fix}."
                 )
             out[column.name] = parsed
         elif column.type == "boolean":
-            text = values.map(lambda v: None if v is None or (isinstance(v, float) and math.isnan(v))
-                              else str(v).strip().lower())
-            truth = text.map(lambda v: None if v is None else ("true" if v in _TRUE else "false" if v in _FALSE else "?"))
-            bad = np.flatnonzero((truth == "?").to_numpy())
-            if bad.size:
+            truth = [None if m else ("true" if str(v).strip().lower() in _TRUE else
+                                     "false" if str(v).strip().lower() in _FALSE else "?")
+                     for v, m in zip(values.tolist(), missing_mask)]
+            bad = [i for i, v in enumerate(truth) if v == "?"]
+            if bad:
                 raise MiaGenError(
-                    f"{source}: column '{column.name}' is boolean but row {int(bad[0])} holds {values.iloc[bad[0]]!r}; "
-                    f"booleans are one of {sorted(_TRUE | _FALSE)}, or set data.columns.{column.name}.type=categorical."
+                    f"{source}: column '{column.name}' is boolean but row {bad[0]} holds {values.iloc[bad[0]]!r}; "
+                    f"booleans are one of {sorted(_TRUE | _FALSE)}: fix the values, or set "
+                    f"data.columns.{column.name}.type=categorical (for the real table)."
                 )
-            out[column.name] = truth.to_numpy(dtype=object)
+            out[column.name] = np.array(truth, dtype=object)
         else:
             out[column.name] = np.array([None if m else _category(v) for v, m in zip(values.tolist(), missing_mask)],
                                         dtype=object)
@@ -303,3 +333,10 @@ def table_fingerprint(frame, schema: list[Column]) -> str:
         else:
             digest.update(json.dumps(values.tolist()).encode())
     return digest.hexdigest()
+
+
+def encoded_fingerprint(table, encoding: TableEncoding) -> str:
+    """sha256 of a conformed table's values and of the encoding its rows were encoded with: what a record set of
+    encoded rows is keyed by (the same release against another real table is other rows)."""
+    return hashlib.sha256(f"{table_fingerprint(table, encoding.schema)}|{encoding.fingerprint}".encode()).hexdigest()
+

@@ -165,8 +165,10 @@ class UNet(nn.Module):
 
 
 def linear_alphas_cumprod(T: int, beta_1: float, beta_T: float) -> torch.Tensor:
-    """pytorch-ddpm's schedule: betas = linspace(beta_1, beta_T, T) in float64, alpha_bar = cumprod(1 - betas)."""
-    return torch.cumprod(1.0 - torch.linspace(float(beta_1), float(beta_T), int(T), dtype=torch.float64), dim=0)
+    """pytorch-ddpm's schedule as its `diffusion.py` computes it: betas = linspace(beta_1, beta_T, T) in float32,
+    then float64; alpha_bar = cumprod(1 - betas) in float64."""
+    betas = torch.linspace(float(beta_1), float(beta_T), int(T), dtype=torch.float32).double()
+    return torch.cumprod(1.0 - betas, dim=0)
 
 
 def checkpoint_file(location: str | Path) -> Path:
@@ -237,8 +239,10 @@ def load_state_dict(location: str | Path, use_ema: bool) -> dict[str, torch.Tens
     key = "ema_model" if use_ema else "net_model"
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get(key), dict):
         present = sorted(checkpoint) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        hint = (" To attack the raw weights, set model.use_ema=false." if use_ema and isinstance(checkpoint, dict)
+                and isinstance(checkpoint.get("net_model"), dict) else "")
         raise MiaGenError(f"{path} has no '{key}' state dict (it holds {present}); a pytorch-ddpm checkpoint has "
-                          "net_model and ema_model" + ("" if use_ema else "") + ".")
+                          f"net_model and ema_model.{hint}")
     return {(name[len("module."):] if name.startswith("module.") else name): tensor
             for name, tensor in checkpoint[key].items()}
 

@@ -20,7 +20,6 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -32,6 +31,7 @@ from mia_gen.extras import require
 from mia_gen.tables import NUMERIC_TYPES, Column, TableEncoding, conform, pandas, table_fingerprint
 
 SYNTHESIZERS = ("ctgan", "tvae")
+LIBRARY_MISSING = "<missing>"  # a missing categorical / boolean value, as the library sees it
 FINISHED_JSON = "synthesizer.json"
 WEIGHTS = "network.safetensors"
 
@@ -54,12 +54,27 @@ def library_frame(table, schema: list[Column]):
         if column.type in NUMERIC_TYPES:
             if values.isna().any():
                 raise MiaGenError(f"CTGAN / TVAE cannot train on missing values in the numeric column '{column.name}' "
-                                  f"(the ctgan library refuses them); impute it, or set "
-                                  f"data.columns.{column.name}.type=categorical.")
+                                  "(the ctgan library refuses them); impute them in the table first.")
             out[column.name] = values.astype(np.int64) if column.type == "integer" else values.astype(np.float64)
         else:
-            out[column.name] = values.map(lambda v: "<missing>" if v is None else v).astype(object)
+            out[column.name] = values.map(lambda v: LIBRARY_MISSING if v is None else v).astype(object)
     return pd.DataFrame(out)
+
+
+def from_library(frame, schema: list[Column]):
+    """The library's samples with its missing category turned back into missing values."""
+    frame = frame.copy()
+    for column in schema:
+        if column.type not in NUMERIC_TYPES:
+            frame[column.name] = frame[column.name].map(lambda v: None if v == LIBRARY_MISSING else v).astype(object)
+    return frame
+
+
+def library_versions() -> dict[str, str]:
+    """What refitting the library's transformer depends on: a cached model reloads only under the same."""
+    from importlib.metadata import version
+
+    return {name: version(name) for name in ("ctgan", "rdt", "scikit-learn")}
 
 
 def _settings(model_cfg: DictConfig) -> tuple[str, dict, int, int]:
@@ -106,6 +121,7 @@ def train_tabular(model_cfg: DictConfig, table, schema: list[Column], out_dir: P
     save_file({k: v.detach().cpu().contiguous() for k, v in _network(model, synthesizer).state_dict().items()},
               str(out_dir / WEIGHTS))
     record = {"synthesizer": synthesizer, "params": params, "epochs": epochs, "seed": seed,
+              "library_versions": library_versions(),
               "schema": [[c.name, c.type] for c in schema], "n_rows": len(frame),
               "table_fingerprint": table_fingerprint(table, schema)}
     tmp = out_dir / f"{FINISHED_JSON}.tmp"
@@ -130,7 +146,7 @@ class TabularSampler:
         with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
             warnings.simplefilter("ignore")
             frame = self.model.sample(n)
-        return conform(frame, self.encoding.schema, f"{self.synthesizer} samples")
+        return conform(from_library(frame, self.encoding.schema), self.encoding.schema, f"{self.synthesizer} samples")
 
     def encoded(self, n: int, rng: torch.Generator) -> torch.Tensor:
         return torch.from_numpy(self.encoding.transform(self.table(n, rng), f"{self.synthesizer} samples"))
@@ -153,6 +169,11 @@ def load_tabular(model_dir: Path, table, encoding: TableEncoding, device: torch.
     if schema != encoding.schema or table_fingerprint(table, schema) != record["table_fingerprint"]:
         raise MiaGenError(f"{model_dir} was trained on another table (schema or rows differ); its transformer can "
                           "only be rebuilt from the rows it was trained on.")
+    installed = library_versions()
+    if record.get("library_versions") != installed:
+        raise MiaGenError(f"{model_dir} was trained with {record.get('library_versions')}, but {installed} is installed; "
+                          "its transformer is refitted on load and may differ under other versions. Install those "
+                          f"versions, or delete {model_dir} to train it again.")
     synthesizer = record["synthesizer"]
     model = _build(synthesizer, record["params"], int(record["epochs"]), device)
     from ctgan.data_transformer import DataTransformer
@@ -187,12 +208,6 @@ def load_tabular(model_dir: Path, table, encoding: TableEncoding, device: torch.
         raise MiaGenError(f"{model_dir / WEIGHTS} does not fit the {synthesizer} its settings describe: {error}") from error
     network.to(model._device)  # the mode the library leaves it in: CTGAN samples in training mode, TVAE sets eval
     return TabularSampler(model, synthesizer, encoding)
-
-
-def tabular_settings_for(model_cfg: DictConfig) -> dict[str, Any]:
-    """What identifies a tabular model besides its data (for the train key)."""
-    synthesizer, params, epochs, seed = _settings(model_cfg)
-    return {"synthesizer": synthesizer, "params": params, "epochs": epochs, "seed": seed}
 
 
 SYNTHETIC_CSV = "synthetic.csv"

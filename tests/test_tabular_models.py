@@ -98,3 +98,18 @@ def test_a_tvae_that_saw_few_members_leaks_them_and_its_rows_are_written_as_a_ta
     torch.testing.assert_close(store.get(np.arange(len(store))), rows.data)
     members = json.loads((tmp_path / "run" / "results.json").read_text())["metadata"]["data"]
     assert members["schema"]["education"] == "integer" and str(table["education"].dtype) == "int64"
+
+
+def test_missing_categories_go_through_the_library_and_come_back_missing(tmp_path):
+    frame = people(120, seed=7).dropna().reset_index(drop=True)
+    frame["smoker"] = frame["smoker"].astype(object)
+    frame.loc[::4, "smoker"] = None
+    frame.loc[1::5, "region"] = None
+    schema = tables.infer_schema(frame)
+    table = tables.conform(frame, schema, "t")
+    encoding = tables.TableEncoding.fit(table, schema)
+    train_tabular(model_config("tvae"), table, schema, tmp_path / "model", torch.device("cpu"))
+    drawn = load_tabular(tmp_path / "model", table, encoding, torch.device("cpu")).table(200, torch.Generator().manual_seed(0))
+    assert set(drawn["smoker"].tolist()) <= {"true", "false", None} and set(drawn["region"].tolist()) <= {
+        "north", "south", "east", None}
+    encoding.transform(drawn, "samples")  # every drawn value has its place in the real encoding
